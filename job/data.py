@@ -1,0 +1,192 @@
+"""Load text-to-SQL rows (Hub, local files or s3://), validate them, and split them deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job.config import DataConfig
+from job.errors import ConfigError, MissingInputError
+
+REQUIRED_FIELDS = ("sql_prompt", "sql_context", "sql")
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class SplitReport:
+    """Row counts of one split: loaded from the source, kept, and dropped by reason."""
+
+    loaded: int = 0
+    """Rows that reached this split; always loaded == kept + sum(dropped)."""
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "kept": self.kept, "dropped": dict(sorted(self.dropped.items()))}
+
+
+@dataclass
+class DataSplits:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    reports: dict[str, SplitReport]
+    eval_carved: bool
+    """True when the source had a single split and the evaluation rows were held out of it."""
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~", "file://")) or Path(source).suffix.lower() in FILE_FORMATS
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_FORMATS)
+        if not files:
+            raise ConfigError(f"data.source {path}: no .jsonl/.json/.parquet/.csv files in the folder")
+    formats = {FILE_FORMATS.get(p.suffix.lower()) for p in files}
+    if None in formats or len(formats) != 1:
+        raise ConfigError(f"data.source {path}: expected files of one format among {', '.join(FILE_FORMATS)}")
+    return formats.pop(), [str(p) for p in files]
+
+
+def _split_files(files: list[str]) -> dict[str, list[str]]:
+    """Files named like `*train*` / `*test*` / `*valid*` form those splits; anything else is one `train` split."""
+    splits: dict[str, list[str]] = {}
+    for name in files:
+        stem = Path(name).stem.lower()
+        split = next((s for s in ("test", "validation", "valid", "train") if s in stem), "train")
+        splits.setdefault(split, []).append(name)
+    return splits
+
+
+def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:
+    """Split name -> `datasets.Dataset`, from a Hub dataset id, local file(s) or an s3:// object or prefix."""
+    import datasets
+
+    if source.startswith("s3://"):
+        from job.storage import fetch_to_cache
+
+        source = str(fetch_to_cache(source, (cache_dir or Path.home() / ".cache" / "finetune") / "data"))
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.exists():
+        file_format, files = _local_files(path)
+        try:
+            loaded = datasets.load_dataset(file_format, data_files=_split_files(files))
+        except Exception as exc:
+            raise ConfigError(f"data.source {source}: cannot read as {file_format}: {_first_line(exc)}") from None
+        return dict(loaded)
+    if _looks_like_path(source):
+        raise ConfigError(f"data.source {source}: no such file or folder")
+    try:
+        return dict(datasets.load_dataset(source))
+    except Exception as exc:
+        raise MissingInputError(f"data.source {source}: cannot load the Hub dataset: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _row_id(row: dict[str, Any]) -> str | int:
+    if row.get("id") is not None and str(row["id"]).strip():
+        return row["id"]
+    digest = hashlib.sha1(f"{row['sql_prompt']}\x00{row['sql_context']}".encode()).hexdigest()
+    return f"row-{digest[:12]}"
+
+
+def _content_key(row: dict[str, Any]) -> tuple[str, str]:
+    return (" ".join(row["sql_prompt"].lower().split()), " ".join(row["sql_context"].lower().split()))
+
+
+def _problem(row: dict[str, Any]) -> str | None:
+    for name in REQUIRED_FIELDS:
+        value = row.get(name)
+        if value is None:
+            return f"missing_{name}"
+        if not isinstance(value, str):
+            return f"malformed_{name}"
+        if not value.strip():
+            return f"empty_{name}"
+    return None
+
+
+def validate_rows(dataset: Any, report: SplitReport) -> list[dict[str, Any]]:
+    """Rows with every required field a non-empty string, deduplicated by id and by question+schema."""
+    rows, seen_ids, seen_keys = [], set(), set()
+    for row in dataset:
+        report.loaded += 1
+        problem = _problem(row)
+        if problem:
+            report.dropped[problem] += 1
+            continue
+        row = {**row, "id": _row_id(row)}
+        key = _content_key(row)
+        if str(row["id"]) in seen_ids or key in seen_keys:
+            report.dropped["duplicate"] += 1
+            continue
+        seen_ids.add(str(row["id"]))
+        seen_keys.add(key)
+        rows.append(row)
+    return rows
+
+
+def _sample(rows: list[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in order[: limit or len(rows)]]
+
+
+def split_rows(splits: dict[str, Any], cfg: DataConfig, source: str) -> DataSplits:
+    """Deterministic, disjoint train and eval rows (by `cfg.seed`), with per-split reports."""
+    if cfg.train_split not in splits:
+        raise ConfigError(f"data.train_split: {source} has no split {cfg.train_split!r} (has: {', '.join(splits)})")
+    reports = {"train": SplitReport(), "eval": SplitReport()}
+    train_rows = validate_rows(splits[cfg.train_split], reports["train"])
+    carved = cfg.eval_split not in splits
+    if carved:
+        shuffled = _sample(train_rows, None, cfg.seed)
+        n_eval = math.ceil(cfg.eval_fraction * len(shuffled))
+        n_eval = min(n_eval, cfg.max_eval_rows or n_eval)
+        eval_rows, train_rows = shuffled[:n_eval], shuffled[n_eval:]
+        reports["train"].dropped["held_out_for_eval"] += n_eval
+        reports["eval"].loaded = n_eval
+    else:
+        eval_rows = validate_rows(splits[cfg.eval_split], reports["eval"])
+        sampled = _sample(eval_rows, cfg.max_eval_rows, cfg.seed)
+        if len(sampled) < len(eval_rows):
+            reports["eval"].dropped["not_sampled"] += len(eval_rows) - len(sampled)
+        eval_rows = sampled
+        eval_ids = {str(row["id"]) for row in eval_rows}
+        eval_keys = {_content_key(row) for row in eval_rows}
+        kept = [r for r in train_rows if str(r["id"]) not in eval_ids and _content_key(r) not in eval_keys]
+        if len(kept) < len(train_rows):
+            reports["train"].dropped["overlaps_eval"] += len(train_rows) - len(kept)
+        train_rows = kept
+    sampled = _sample(train_rows, cfg.max_train_rows, cfg.seed)
+    if len(sampled) < len(train_rows):
+        reports["train"].dropped["not_sampled"] += len(train_rows) - len(sampled)
+    train_rows = sampled
+    if not train_rows:
+        raise ConfigError(f"data.source {source}: no usable training rows ({_dropped_summary(reports['train'])})")
+    if not eval_rows:
+        raise ConfigError(f"data.source {source}: no usable evaluation rows ({_dropped_summary(reports['eval'])})")
+    reports["train"].kept, reports["eval"].kept = len(train_rows), len(eval_rows)
+    return DataSplits(train=train_rows, eval=eval_rows, reports=reports, eval_carved=carved)
+
+
+def _dropped_summary(report: SplitReport) -> str:
+    if not report.dropped:
+        return f"{report.loaded} rows loaded"
+    return f"{report.loaded} loaded; dropped: " + ", ".join(f"{k} {v}" for k, v in report.dropped.most_common())
+
+
+def load_splits(cfg: DataConfig, cache_dir: Path | None = None) -> DataSplits:
+    return split_rows(load_source(cfg.source, cache_dir), cfg, cfg.source)

@@ -1,0 +1,73 @@
+"""A whole run, top to bottom: run folder -> data -> train -> evaluate -> publish (manifest last)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from job.config import JobConfig
+from job.run_folder import is_remote, open_run_folder
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dict[str, Any]:
+    """Train (and evaluate) one run, then publish it to `<output.uri>/<run_id>/`. Returns the run's summary."""
+    from job.model import load_tokenizer, resolve_model_path
+    from job.prepare import prepare, summary, write_prepared
+    from job.publish import build_manifest, publish_run
+    from job.train import train
+
+    started = _now()
+    run = open_run_folder(cfg, resume, overwrite)
+    destination = f"{cfg.output.uri.rstrip('/')}/{run.run_id}"
+    if cfg.training.checkpoint_uri is None and is_remote(cfg.output.uri):
+        # Mirror checkpoints next to the run, so a new machine can resume after a spot instance dies.
+        cfg.training.checkpoint_uri = f"{destination}/checkpoints"
+        run.save_config(cfg)
+    _say(f"run {run.run_id}: {run.path}" + (f" -> {destination}" if is_remote(cfg.output.uri) else ""))
+
+    model_path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model, model_path)
+    prepared = prepare(cfg, tokenizer)
+    write_prepared(prepared, run.sub("data"))
+    _say(summary(prepared))
+
+    result = train(cfg, run, prepared, resume=resume, model_path=model_path, tokenizer=tokenizer)
+    _say(f"trained {result.global_step} steps, final loss {result.final_loss}; adapter in {result.adapter_dir}")
+
+    metrics = None
+    if evaluate:
+        from job.evaluate import evaluate_models
+        from job.model_card import add_results
+        from job.report import headline_markdown
+
+        metrics = evaluate_models(
+            cfg, run.sub("eval"), adapter=result.adapter_dir, compare_base=cfg.evaluation.compare_base,
+            rows=prepared.splits.eval, train_log=result.train_log,
+        )
+        add_results(result.adapter_dir, headline_markdown(metrics))
+
+    manifest = build_manifest(
+        run.path, config=_config_dict(run), status="completed", started_at=started, ended_at=_now(), metrics=metrics
+    )
+    location = publish_run(run.path, destination, manifest)
+    _say(f"published {location}")
+    return {"run_id": run.run_id, "location": location, "metrics": metrics, "steps": result.global_step}
+
+
+def _config_dict(run: Any) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load((run.path / "config.yaml").read_text())
+

@@ -1,0 +1,93 @@
+"""Render a dataset row as a chat with the tokenizer's own template, and tokenize it for completion-only loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+INSTRUCTION = (
+    "You write SQL. Given the database schema and a question, reply with the SQL query that answers the "
+    "question, and nothing else."
+)
+
+# End-of-turn markers of common chat templates; generation stops at these and at the EOS token.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    labels: list[int]
+    """-100 on the prompt; the answer's ids up to and including its end-of-turn/EOS token."""
+    prompt_len: int
+
+
+def supports_system_role(tokenizer: Any) -> bool:
+    """True when the chat template renders a system turn (Gemma's raises on one, some drop it silently)."""
+    probe = "SYSTEM-ROLE-PROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:
+        return False
+    return probe in text
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS plus every end-of-turn marker that the vocabulary holds as a single token."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return sorted(ids)
+
+
+class ChatFormatter:
+    """Turns rows into prompts (for generation) and tokenized training examples, with one tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; use an instruction-tuned model")
+        self.tokenizer = tokenizer
+        self.system_role = supports_system_role(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer)
+
+    def messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        """The conversation up to the answer; the instruction joins the user turn when there is no system role."""
+        body = f"Schema:\n{row['sql_context'].strip()}\n\nQuestion: {row['sql_prompt'].strip()}"
+        if self.system_role:
+            return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": body}]
+        return [{"role": "user", "content": f"{INSTRUCTION}\n\n{body}"}]
+
+    def prompt(self, row: dict[str, Any]) -> str:
+        """The text the model sees at inference: the conversation plus the template's generation prompt."""
+        return self.tokenizer.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, row: dict[str, Any]) -> TokenizedExample:
+        """Prompt and answer token ids, with the loss on the answer and its end-of-turn token only.
+
+        The prompt is tokenized on its own, exactly as at inference. The answer runs up to and including the
+        first end-of-turn/EOS token (anything the template puts after it is dropped); a template that closes the
+        assistant turn without one gets EOS appended, so the model learns to stop.
+        """
+        messages = self.messages(row)
+        prompt_text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full_text = self.tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": row["sql"].strip()}], tokenize=False
+        )
+        if not full_text.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently once an answer follows it")
+        prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        stop_at = next((i for i, token in enumerate(answer_ids) if token in self.stop_ids), None)
+        if stop_at is None:
+            answer_ids = [*answer_ids, self.tokenizer.eos_token_id]
+        else:
+            answer_ids = answer_ids[: stop_at + 1]
+        return TokenizedExample(
+            input_ids=prompt_ids + answer_ids,
+            labels=[-100] * len(prompt_ids) + answer_ids,
+            prompt_len=len(prompt_ids),
+        )

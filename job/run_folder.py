@@ -1,0 +1,99 @@
+"""The run folder: its id, where it is staged locally, and protection of finished runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from job.config import JobConfig
+from job.errors import ConfigError
+
+MANIFEST = "manifest.json"
+RUN_STATE = "run_state.json"
+
+
+def config_hash(cfg: JobConfig) -> str:
+    """Short hash of everything that defines the run's result (not where it is written)."""
+    data = cfg.model_dump(mode="json", exclude={"output": True, "training": {"checkpoint_uri"}})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def new_run_id(cfg: JobConfig) -> str:
+    """Sortable: UTC timestamp, then the config hash."""
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config_hash(cfg)}"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def staging_root(cfg: JobConfig) -> Path:
+    """Local parent of run folders: output.uri itself when local, else a work folder (FINETUNE_WORK_DIR)."""
+    if not is_remote(cfg.output.uri):
+        return Path(cfg.output.uri.removeprefix("file://")).expanduser()
+    from job.model import cache_root
+
+    return Path(os.environ.get("FINETUNE_WORK_DIR") or cache_root() / "runs")
+
+
+@dataclass
+class RunFolder:
+    run_id: str
+    path: Path
+    """Local folder the stages write into; published to `<output.uri>/<run_id>/`."""
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / MANIFEST).is_file()
+
+    def save_config(self, cfg: JobConfig) -> None:
+        """The resolved config, run id included; it holds no secrets (those come from the environment)."""
+        resolved = cfg.model_copy(deep=True)
+        resolved.output.run_id = self.run_id
+        (self.path / "config.yaml").write_text(resolved.to_yaml())
+
+    def sub(self, *parts: str) -> Path:
+        target = self.path.joinpath(*parts)
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+
+def _latest_unfinished(root: Path, cfg: JobConfig) -> str | None:
+    """Newest run folder of this config that has no manifest yet (what `--resume auto` continues)."""
+    suffix = f"-{config_hash(cfg)}"
+    if not root.is_dir():
+        return None
+    candidates = sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name.endswith(suffix) and not (p / MANIFEST).exists()
+    )
+    return candidates[-1] if candidates else None
+
+
+def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
+    """Create or reopen the run folder; a finished run is never overwritten without `--overwrite`."""
+    root = staging_root(cfg)
+    run_id = cfg.output.run_id
+    if run_id is None and resume == "auto":
+        run_id = _latest_unfinished(root, cfg)
+    run_id = run_id or new_run_id(cfg)
+    folder = RunFolder(run_id=run_id, path=root / run_id)
+    if folder.path.exists() and any(folder.path.iterdir()):
+        if overwrite:
+            shutil.rmtree(folder.path)
+        elif folder.finished:
+            raise ConfigError(
+                f"run {folder.path} is finished (has {MANIFEST}); pass --overwrite to replace it, or another run id"
+            )
+        elif resume == "never":
+            raise ConfigError(
+                f"run {folder.path} already holds an unfinished run; pass --resume auto to continue it "
+                "or --overwrite to start over"
+            )
+    folder.path.mkdir(parents=True, exist_ok=True)
+    folder.save_config(cfg)
+    return folder

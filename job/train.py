@@ -1,0 +1,262 @@
+"""The training stage: trl's SFTTrainer on the prepared rows, with checkpoints, resume and SIGTERM handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from job.config import JobConfig
+from job.errors import ConfigError, PreemptedError
+from job.prepare import PreparedData
+from job.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+class TokenCounter:
+    """Wraps the data collator to count real vs processed (padded) tokens of every batch."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.real_tokens = 0
+        self.processed_tokens = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        self.real_tokens += sum(len(example["input_ids"]) for example in examples)
+        self.processed_tokens += batch["input_ids"].numel()
+        return batch
+
+    @property
+    def non_padding_share(self) -> float:
+        return self.real_tokens / self.processed_tokens if self.processed_tokens else 0.0
+
+
+def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        """One JSON line per logging step (and a human line on stderr): loss, lr, tokens/s, padding share, ETA."""
+
+        def __init__(self) -> None:
+            self.path = run.sub("logs") / "train_log.jsonl"
+            self.start = self.last_time = time.monotonic()
+            self.last_tokens = 0
+            self.first_step: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.first_step = state.global_step
+            if state.is_world_process_zero and self.path.is_file():  # resumed: drop lines past the checkpoint
+                kept = [e for e in read_train_log(run.path) if e["step"] <= state.global_step]
+                self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now = time.monotonic()
+            tokens = counter.real_tokens
+            done = state.global_step - (self.first_step or 0)
+            eta = (now - self.start) / done * (state.max_steps - state.global_step) if done else None
+            record = {
+                "step": state.global_step,
+                "max_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"),
+                "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
+                "non_padding_share": round(counter.non_padding_share, 4),
+                "elapsed_s": round(now - self.start, 1),
+                "eta_s": round(eta, 1) if eta is not None else None,
+            }
+            self.last_time, self.last_tokens = now, tokens
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
+            print(
+                f"step {record['step']}/{record['max_steps']}  loss {record['loss']:.4f}  "
+                f"lr {record['learning_rate'] or 0:.2e}  {record['tokens_per_s']:.0f} tok/s  "
+                f"non-padding {record['non_padding_share']:.0%}  ETA {eta_text}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    class StopOnSigterm(TrainerCallback):
+        """On SIGTERM, save a checkpoint at the end of the current step and stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if preemption.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return [ProgressLog(), StopOnSigterm()]
+
+
+class PreemptionFlag:
+    """Records SIGTERM instead of dying, so the trainer can checkpoint first."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            print("SIGTERM received: saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def __enter__(self) -> PreemptionFlag:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _optimizer(cfg: JobConfig, quantized: bool, cuda: bool) -> str:
+    if cfg.training.optim != "auto":
+        return cfg.training.optim
+    if cuda:
+        return "paged_adamw_8bit" if quantized else "adamw_torch_fused"
+    return "adamw_torch"
+
+
+def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> Any:
+    import os
+
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.training
+    cuda = torch.cuda.is_available()
+    dtype = getattr(model, "dtype", torch.float32)
+    # Prompt tuning prepends its virtual tokens to each row, so rows cannot be packed into one sequence.
+    packing = t.packing and cfg.method.type == "lora"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.sub("logs", "tensorboard")))
+    return SFTConfig(
+        output_dir=str(run.sub("checkpoints")),
+        max_length=t.max_seq_len,
+        packing=packing,
+        packing_strategy="bfd",
+        train_sampling_strategy="random" if packing else "group_by_length",
+        completion_only_loss=None,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=_optimizer(cfg, quantized, cuda),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=cuda and dtype == torch.bfloat16,
+        fp16=cuda and dtype == torch.float16,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=["tensorboard"],
+        disable_tqdm=not sys.stderr.isatty(),
+        ddp_find_unused_parameters=False,
+        dataset_num_proc=None,
+    )
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    global_step: int
+    final_loss: float | None
+    train_log: list[dict[str, Any]]
+
+
+def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
+    if resume == "never":
+        return None
+    from job.checkpoint_sync import fetch_checkpoint, latest_complete_checkpoint
+
+    if resume != "auto":
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json)")
+        return resume
+    local = latest_complete_checkpoint(str(run.path / "checkpoints"))
+    remote = latest_complete_checkpoint(cfg.training.checkpoint_uri) if cfg.training.checkpoint_uri else None
+    step = lambda location: int(location.rstrip("/").rsplit("-", 1)[-1]) if location else -1  # noqa: E731
+    if remote and step(remote) > step(local):
+        if cfg.training.checkpoint_uri.startswith("s3://"):
+            return str(fetch_checkpoint(remote, run.sub("checkpoints")))
+        return remote
+    return local
+
+
+def train(
+    cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, resume: str, model_path: str, tokenizer: Any
+) -> TrainResult:
+    """Train the configured method on the prepared rows; save the adapter, tokenizer and model card."""
+    from trl import SFTTrainer
+
+    from job.model import load_base_model, peft_config, prepare_for_training
+
+    base = load_base_model(cfg.model, model_path)
+    quantized = getattr(base, "hf_quantizer", None) is not None
+    base = prepare_for_training(base, cfg)
+    args = sft_config(cfg, run, base, quantized)
+    trainer = SFTTrainer(
+        model=base,
+        args=args,
+        train_dataset=prepared.train_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.method, model_path),
+    )
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressLog prints one richer line per logging step
+    checkpoint = _resume_checkpoint(cfg, run, resume)
+    if checkpoint:
+        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
+    with PreemptionFlag() as preemption:
+        for callback in _callbacks(run, counter, preemption):
+            trainer.add_callback(callback)
+        if cfg.training.checkpoint_uri:
+            from job.checkpoint_sync import CheckpointMirror
+
+            mirror = CheckpointMirror(cfg.training.checkpoint_uri)
+            trainer.add_callback(mirror)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        if preemption.requested:
+            if cfg.training.checkpoint_uri:
+                mirror.wait()
+            raise PreemptedError(
+                f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
+                f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to continue"
+            )
+    adapter_dir = run.path / "adapter"
+    if trainer.is_world_process_zero():
+        trainer.save_model(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+        from job.model_card import write_model_card
+
+        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step)
+    train_log = read_train_log(run.path)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log)
+
+
+def read_train_log(run_path: Path) -> list[dict[str, Any]]:
+    path = run_path / "logs" / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
