@@ -32,16 +32,18 @@ def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _load(config_name: str, overrides: tuple[str, ...], output: str | None = None) -> Any:
+def _load(config_name: str, overrides: tuple[str, ...], output: str | None = None, run_id: str | None = None) -> Any:
     from job.config import load_config
 
     extra = [f"output.uri={output}"] if output else []
+    extra += [f"output.run_id={run_id}"] if run_id else []
     return load_config(config_name, [*overrides, *extra])
 
 
 _output_option = click.option("--output", help="Where runs go: a folder or s3://bucket/prefix (sets output.uri).")
 _run_options = [
     _output_option,
+    click.option("--run-id", help="Name of the run folder (sets output.run_id); default: timestamp-confighash."),
     click.option("--resume", default="auto", show_default=True, metavar="auto|never|PATH",
                  help="auto: continue the newest unfinished run of this config from its newest complete checkpoint."),
     click.option("--overwrite", is_flag=True, help="Replace a finished run with the same run id."),
@@ -89,12 +91,14 @@ def presets() -> None:
               help="Folder for stats.json, examples.jsonl and eval_ids.json.")
 def prepare(config_name: str, overrides: tuple[str, ...], output: Path | None) -> None:
     """Load, validate, split and tokenize the data; print and save what was kept and dropped."""
+    from job.data import check_source
     from job.model import load_tokenizer
     from job.prepare import prepare as prepare_data
     from job.prepare import summary, write_prepared
     from job.run_folder import config_hash, staging_root
 
     cfg = _load(config_name, overrides)
+    check_source(cfg.data.source)
     prepared = prepare_data(cfg, load_tokenizer(cfg.model))
     out = output or staging_root(cfg) / f"prepare-{config_hash(cfg)}"
     write_prepared(prepared, out)
@@ -105,21 +109,25 @@ def prepare(config_name: str, overrides: tuple[str, ...], output: Path | None) -
 @cli.command()
 @_config_options
 @_with(_run_options)
-def train(config_name: str, overrides: tuple[str, ...], output: str | None, resume: str, overwrite: bool) -> None:
+def train(
+    config_name: str, overrides: tuple[str, ...], output: str | None, run_id: str | None, resume: str, overwrite: bool
+) -> None:
     """Train the configured method and save the adapter into a run folder."""
     from job.pipeline import run_pipeline
 
-    run_pipeline(_load(config_name, overrides, output), resume=resume, overwrite=overwrite, evaluate=False)
+    run_pipeline(_load(config_name, overrides, output, run_id), resume=resume, overwrite=overwrite, evaluate=False)
 
 
 @cli.command()
 @_config_options
 @_with(_run_options)
-def run(config_name: str, overrides: tuple[str, ...], output: str | None, resume: str, overwrite: bool) -> None:
+def run(
+    config_name: str, overrides: tuple[str, ...], output: str | None, run_id: str | None, resume: str, overwrite: bool
+) -> None:
     """Train, then evaluate the base and the tuned model on the same rows, and publish the run."""
     from job.pipeline import run_pipeline
 
-    run_pipeline(_load(config_name, overrides, output), resume=resume, overwrite=overwrite, evaluate=True)
+    run_pipeline(_load(config_name, overrides, output, run_id), resume=resume, overwrite=overwrite, evaluate=True)
 
 
 @cli.command()

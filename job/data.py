@@ -66,10 +66,18 @@ def _split_files(files: list[str]) -> dict[str, list[str]]:
     return splits
 
 
+def check_source(source: str) -> None:
+    """Fail fast, before any model is loaded, on a local data source that does not exist."""
+    if not source.startswith("s3://") and _looks_like_path(source):
+        if not Path(source.removeprefix("file://")).expanduser().exists():
+            raise ConfigError(f"data.source {source}: no such file or folder")
+
+
 def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:
     """Split name -> `datasets.Dataset`, from a Hub dataset id, local file(s) or an s3:// object or prefix."""
     import datasets
 
+    check_source(source)
     if source.startswith("s3://"):
         from job.storage import fetch_to_cache
 
@@ -82,8 +90,6 @@ def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:
         except Exception as exc:
             raise ConfigError(f"data.source {source}: cannot read as {file_format}: {_first_line(exc)}") from None
         return dict(loaded)
-    if _looks_like_path(source):
-        raise ConfigError(f"data.source {source}: no such file or folder")
     try:
         return dict(datasets.load_dataset(source))
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -28,7 +29,11 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
     from job.publish import build_manifest, publish_run
     from job.train import train
 
+    from job.data import check_source
+
     started = _now()
+    check_source(cfg.data.source)
+    model_path = resolve_model_path(cfg.model.name)
     run = open_run_folder(cfg, resume, overwrite)
     destination = f"{cfg.output.uri.rstrip('/')}/{run.run_id}"
     if cfg.training.checkpoint_uri is None and is_remote(cfg.output.uri):
@@ -37,13 +42,14 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
         run.save_config(cfg)
     _say(f"run {run.run_id}: {run.path}" + (f" -> {destination}" if is_remote(cfg.output.uri) else ""))
 
-    model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, model_path)
     prepared = prepare(cfg, tokenizer)
     write_prepared(prepared, run.sub("data"))
     _say(summary(prepared))
 
     result = train(cfg, run, prepared, resume=resume, model_path=model_path, tokenizer=tokenizer)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"run_id": run.run_id, "steps": result.global_step}  # rank 0 evaluates and publishes
     _say(f"trained {result.global_step} steps, final loss {result.final_loss}; adapter in {result.adapter_dir}")
 
     metrics = None
@@ -61,7 +67,7 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
     manifest = build_manifest(
         run.path, config=_config_dict(run), status="completed", started_at=started, ended_at=_now(), metrics=metrics
     )
-    location = publish_run(run.path, destination, manifest)
+    location = publish_run(run.path, destination, manifest, replace=overwrite)
     _say(f"published {location}")
     return {"run_id": run.run_id, "location": location, "metrics": metrics, "steps": result.global_step}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from job.errors import ConfigError
+
 INSTRUCTION = (
     "You write SQL. Given the database schema and a question, reply with the SQL query that answers the "
     "question, and nothing else."
@@ -49,7 +51,7 @@ class ChatFormatter:
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; use an instruction-tuned model")
+            raise ConfigError("model.name: the tokenizer has no chat template; use an instruction-tuned (chat) model")
         self.tokenizer = tokenizer
         self.system_role = supports_system_role(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer)
@@ -78,7 +80,7 @@ class ChatFormatter:
             [*messages, {"role": "assistant", "content": row["sql"].strip()}], tokenize=False
         )
         if not full_text.startswith(prompt_text):
-            raise ValueError("the chat template renders the prompt differently once an answer follows it")
+            raise ConfigError("model.name: the chat template renders the prompt differently once an answer follows")
         prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         answer_ids = self.tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         stop_at = next((i for i, token in enumerate(answer_ids) if token in self.stop_ids), None)

@@ -78,6 +78,8 @@ def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
     """Create or reopen the run folder; a finished run is never overwritten without `--overwrite`."""
     root = staging_root(cfg)
     run_id = cfg.output.run_id
+    if run_id is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("output.run_id: set it (or --run-id) when several processes train together")
     if run_id is None and resume == "auto":
         run_id = _latest_unfinished(root, cfg)
     run_id = run_id or new_run_id(cfg)

@@ -138,7 +138,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
     dtype = getattr(model, "dtype", torch.float32)
     # Prompt tuning prepends its virtual tokens to each row, so rows cannot be packed into one sequence.
     packing = t.packing and cfg.method.type == "lora"
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.sub("logs", "tensorboard")))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.sub("logs", "tensorboard"))  # read by transformers' callback
     return SFTConfig(
         output_dir=str(run.sub("checkpoints")),
         max_length=t.max_seq_len,
@@ -156,8 +156,8 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(cfg, quantized, cuda),
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=cuda and dtype == torch.bfloat16,
         fp16=cuda and dtype == torch.float16,
         logging_steps=t.logging_steps,
@@ -179,6 +179,8 @@ class TrainResult:
     global_step: int
     final_loss: float | None
     train_log: list[dict[str, Any]]
+    model: Any = None
+    """The trained peft model, still in memory."""
 
 
 def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
@@ -252,7 +254,9 @@ def train(
         write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step)
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log)
+    return TrainResult(
+        adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log, model=trainer.model
+    )
 
 
 def read_train_log(run_path: Path) -> list[dict[str, Any]]:

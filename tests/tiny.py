@@ -58,7 +58,7 @@ def build_model_dir(path: Path, template: str = GEMMA_TEMPLATE, seed: int = 0) -
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, initializer_range=0.2,
     )
     model = GemmaForCausalLM(config)
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny models built once per session, offline Hugging Face, isolated caches and env."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tiny import CHATML_TEMPLATE, SAMPLE, build_model_dir
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Gemma model whose tokenizer uses Gemma's chat template (no system role)."""
+    return build_model_dir(tmp_path_factory.mktemp("tiny-gemma"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a ChatML template (has a system role, like SmolLM2)."""
+    return build_model_dir(tmp_path_factory.mktemp("tiny-chatml"), template=CHATML_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    """400 real rows of gretelai/synthetic_text_to_sql shipped with the package (see job/data/PROVENANCE.md)."""
+    return SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    for name in list(os.environ):
+        if name.startswith("FINETUNE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
+from s3_fixtures import *  # noqa: F401,F403  (loopback S3 server fixtures)

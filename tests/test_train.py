@@ -1,0 +1,171 @@
+"""Training: each method learns, the adapter reloads in a fresh process, SIGTERM checkpoints and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from job.config import load_config
+from job.errors import EXIT_PREEMPTED
+from job.model import load_tokenizer, resolve_model_path
+from job.prepare import prepare
+from job.run_folder import open_run_folder
+from job.train import read_train_log, train
+
+REPEATED = [
+    "data.max_train_rows=4", "data.max_eval_rows=4", "training.per_device_batch_size=4",
+    "training.gradient_accumulation_steps=1", "training.logging_steps=1", "training.max_seq_len=512",
+    "training.warmup_ratio=0", "training.lr_scheduler=constant", "training.save_steps=1000",
+    "training.gradient_checkpointing=false",
+]
+
+
+def _train(preset, tiny_model, sample_path, tmp_path, *extra):
+    cfg = load_config(
+        preset,
+        [f"model.name={tiny_model}", f"data.source={sample_path}", f"output.uri={tmp_path}", *REPEATED, *extra],
+        environ={},
+    )
+    run = open_run_folder(cfg, "never", overwrite=False)
+    path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model, path)
+    result = train(cfg, run, prepare(cfg, tokenizer), resume="never", model_path=path, tokenizer=tokenizer)
+    return cfg, run, result
+
+
+@pytest.mark.parametrize(
+    ("preset", "extra"),
+    [
+        ("gemma-2b-it-qlora", ["training.learning_rate=1e-2"]),
+        ("gemma-2b-it-lora", ["training.learning_rate=1e-2"]),
+        ("gemma-2b-it-prompt-tuning", ["training.learning_rate=3e-1", "method.num_virtual_tokens=8"]),
+    ],
+)
+def test_each_method_lowers_the_loss_on_a_repeated_batch(preset, extra, tiny_model, sample_path, tmp_path):
+    cfg, run, result = _train(preset, tiny_model, sample_path, tmp_path, "training.max_steps=12", *extra)
+    losses = [entry["loss"] for entry in result.train_log]
+    assert len(losses) == 12 and result.global_step == 12
+    assert losses[-1] < losses[0] - 0.1, losses
+    adapter = json.loads((run.path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == ("PROMPT_TUNING" if cfg.method.type == "prompt_tuning" else "LORA")
+    card = (run.path / "adapter" / "README.md").read_text()
+    assert cfg.model.name in card and "Method" in card
+    assert (run.path / "config.yaml").is_file() and any((run.path / "logs" / "tensorboard").rglob("events.*"))
+    entry = result.train_log[-1]
+    assert entry["tokens_per_s"] > 0 and 0 < entry["non_padding_share"] <= 1
+
+
+def test_quantized_base_is_4bit_nf4(tiny_model, sample_path, tmp_path):
+    import bitsandbytes as bnb
+
+    _, _, result = _train("gemma-2b-it-qlora", tiny_model, sample_path, tmp_path, "training.max_steps=1")
+    base = result.model.get_base_model()
+    layer = base.model.layers[0].mlp.gate_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested  # double quant
+
+
+def test_adapter_reloads_in_a_fresh_process_with_the_same_logits(tiny_model, sample_path, tmp_path):
+    _, run, result = _train(
+        "gemma-2b-it-lora", tiny_model, sample_path, tmp_path, "training.max_steps=4", "training.learning_rate=1e-2"
+    )
+    inputs = torch.arange(5, 45).reshape(2, 20)
+    model = result.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=inputs).logits
+    script = (
+        "import sys, torch\n"
+        "from peft import AutoPeftModelForCausalLM\n"
+        "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(input_ids=torch.arange(5, 45).reshape(2, 20)).logits, sys.argv[2])\n"
+    )
+    out = tmp_path / "logits.pt"
+    subprocess.run([sys.executable, "-c", script, str(run.path / "adapter"), str(out)], check=True, timeout=120)
+    reloaded = torch.load(out)
+    assert torch.allclose(reloaded, expected, atol=1e-5)
+    base_logits = torch.load(out)  # sanity: the adapter changed the model
+    with torch.no_grad(), model.disable_adapter():
+        base_logits = model(input_ids=inputs).logits
+    assert not torch.allclose(base_logits, expected, atol=1e-3)
+
+
+def _finetune(args, **kwargs):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") or k == "FINETUNE_CACHE_DIR"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "job", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        **kwargs,
+    )
+
+
+def _train_args(tiny_model, sample_path, out, *extra):
+    sets = [
+        f"model.name={tiny_model}", f"data.source={sample_path}", "data.max_train_rows=64", "data.max_eval_rows=4",
+        "training.max_steps=30", "training.per_device_batch_size=2", "training.gradient_accumulation_steps=1",
+        "training.logging_steps=1", "training.save_steps=100", "training.learning_rate=5e-3",
+        "training.gradient_checkpointing=false", *extra,
+    ]
+    args = ["train", "--config", "gemma-2b-it-lora", "--output", str(out), "--run-id", "r1"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def _final_loss(run_dir: Path) -> float:
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e][-1]
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_matches_an_uninterrupted_run(tiny_model, sample_path, tmp_path):
+    reference = _finetune(_train_args(tiny_model, sample_path, tmp_path / "reference"))
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    out = tmp_path / "preempted"
+    process = _finetune(_train_args(tiny_model, sample_path, out))
+    log = out / "r1" / "logs" / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(read_train_log(out / "r1")) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == EXIT_PREEMPTED
+    stderr = process.stderr.read()
+    assert "--resume auto" in stderr and "Traceback" not in stderr
+    checkpoints = sorted((out / "r1" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and not (out / "r1" / "manifest.json").exists()
+    stopped_at = int(checkpoints[-1].name.split("-")[1])
+    assert 3 <= stopped_at < 30
+
+    resumed = _finetune([*_train_args(tiny_model, sample_path, out), "--resume", "auto"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert f"resuming from {checkpoints[-1]}" in resumed.stderr.read()
+    steps = [entry["step"] for entry in read_train_log(out / "r1")]
+    assert steps == list(range(1, 31))  # no step lost or repeated in the log
+    assert _final_loss(out / "r1") == pytest.approx(_final_loss(tmp_path / "reference" / "r1"), rel=1e-4)
+    assert (out / "r1" / "manifest.json").is_file() and (out / "r1" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_finished_run_is_not_overwritten_without_flag(tiny_model, sample_path, tmp_path):
+    args = _train_args(tiny_model, sample_path, tmp_path, "training.max_steps=2")
+    first = _finetune(args)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    adapter = tmp_path / "r1" / "adapter" / "adapter_model.safetensors"
+    before = adapter.read_bytes()
+
+    again = _finetune(args)
+    assert again.wait(timeout=120) == 2
+    assert "--overwrite" in again.stderr.read()
+    assert adapter.read_bytes() == before
+
+    forced = _finetune([*args, "--overwrite", "--set", "training.seed=5"])
+    assert forced.wait(timeout=300) == 0, forced.stderr.read()
+    assert adapter.read_bytes() != before
