@@ -1,0 +1,333 @@
+"""Score predicted SQL against gold SQL by executing both in the SQLite sandbox.
+
+Metric definitions (every rate is a fraction in [0, 1], or None when its denominator is 0):
+
+- `n_rows`: rows scored; a row without a prediction counts as an empty prediction.
+- `n_gold_failed`: rows whose context cannot be fully built or whose gold SQL fails on it in SQLite. They are
+  listed in the per-row records with `gold_error` and left out of `execution_accuracy` only.
+- `n_scored` = `n_rows - n_gold_failed`.
+- `execution_accuracy` (over `n_scored`): gold and prediction, each run on its own fresh database built from
+  the context, give the same result. Results are multisets of rows compared up to a column permutation
+  (column names ignored, Spider test-suite style); row order counts only when the gold's last statement has a
+  top-level ORDER BY; floats agree to 10 significant digits and 3.0 equals 3. When the gold's last statement
+  returns no result set (INSERT/UPDATE/DELETE/DDL), the contents of every table and view afterwards are
+  compared instead (column names and order count there, row order does not).
+- `exact_match` (over `n_rows`): equal after lower-casing, collapsing whitespace and dropping trailing `;`.
+- `normalized_match` (over `n_rows`): equal after sqlglot parses both (SQLite dialect, then its default
+  dialect), qualifies columns against the context's schema where it can, normalizes and simplifies boolean
+  logic (sorting conjuncts) and identifiers, and prints them back; falls back to `exact_match` when either
+  side does not parse. Table aliases are not unified (execution match covers those).
+- `valid_sql_rate` (over `n_rows`): the prediction is non-empty and SQLite runs it on the context without
+  error (for rows whose context failed to build, on what could be built).
+- `empty_rate` (over `n_rows`): nothing SQL-like in the prediction (see `job.sql_extract.extract_sql`).
+- `runaway_rate` (over predictions that carry `stopped`): share that did not stop by itself (hit the token
+  limit); None when no prediction carries `stopped`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from job.errors import JobError
+from job.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
+from job.sql_extract import extract_sql
+
+HEADLINE_METRICS = (
+    "execution_accuracy",
+    "exact_match",
+    "normalized_match",
+    "valid_sql_rate",
+    "empty_rate",
+    "runaway_rate",
+)
+BREAKDOWNS = {"by_complexity": "sql_complexity", "by_task_type": "sql_task_type", "by_domain": "domain"}
+_MAX_PERMUTATIONS = 2_000
+_FLOAT_DIGITS = 10
+
+
+def score_predictions(
+    rows: list[dict],
+    predictions: list[dict],
+    *,
+    timeout_s: float = 2.0,
+    max_result_rows: int = 10_000,
+    top_domains: int = 10,
+) -> tuple[dict, list[dict]]:
+    """(metrics, per-row records) for `predictions` (`{"id", "sql", optional "raw", "stopped"}`) on `rows`.
+
+    Predictions are matched to rows by id (5 and "5" are the same id). A prediction whose id is not among the
+    rows, or two predictions for one id, raise `JobError`. `sql` is passed through `extract_sql`; when a
+    prediction has no `sql` key its `raw` text is used.
+    """
+    limits = Limits(timeout_s=timeout_s, max_rows=max_result_rows)
+    by_id = _index_predictions(rows, predictions)
+    records = [_score_row(row, by_id.get(_id_key(row.get("id"))), limits) for row in rows]
+    return aggregate(records, top_domains=top_domains), records
+
+
+def aggregate(records: list[dict], *, top_domains: int = 10) -> dict:
+    """Headline metrics of per-row records plus breakdowns by complexity, task type and top domains."""
+    metrics = _metric_set(records)
+    for name, field in BREAKDOWNS.items():
+        groups: dict[str, list[dict]] = {}
+        for record in records:
+            groups.setdefault(str(record.get(field) or "unknown"), []).append(record)
+        ranked = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+        if name == "by_domain":
+            ranked = ranked[:top_domains]
+        metrics[name] = {group: _metric_set(members) for group, members in ranked}
+    return metrics
+
+
+def compare_metrics(base: dict, tuned: dict) -> dict:
+    """tuned - base of the headline rates overall and by complexity and task type; None if one lacks it."""
+    delta: dict[str, Any] = _deltas(base, tuned)
+    for name in ("by_complexity", "by_task_type"):
+        base_groups, tuned_groups = base.get(name) or {}, tuned.get(name) or {}
+        delta[name] = {
+            group: _deltas(base_groups.get(group) or {}, tuned_groups.get(group) or {})
+            for group in sorted(set(base_groups) | set(tuned_groups))
+        }
+    return delta
+
+
+def results_match(gold: QueryResult, pred: QueryResult, *, ordered: bool) -> bool:
+    """Whether two successful results agree (see the module docstring for the rules)."""
+    if gold.rows is not None:
+        return pred.rows is not None and rows_match(gold.rows, pred.rows, ordered=ordered)
+    if pred.tables is None or set(pred.tables) != set(gold.tables or {}):
+        return False
+    return all(
+        gold.tables[name][0] == pred.tables[name][0]
+        and _row_counts(gold.tables[name][1]) == _row_counts(pred.tables[name][1])
+        for name in gold.tables
+    )
+
+
+def rows_match(gold: list[tuple], pred: list[tuple], *, ordered: bool) -> bool:
+    """Same rows as multisets (or lists when `ordered`), allowing any permutation of the columns."""
+    if len(gold) != len(pred):
+        return False
+    if not gold:
+        return True
+    gold_rows, pred_rows = [_canonical_row(r) for r in gold], [_canonical_row(r) for r in pred]
+    width = len(gold_rows[0])
+    if width != len(pred_rows[0]):
+        return False
+    target = gold_rows if ordered else Counter(gold_rows)
+    for permutation in _column_permutations(gold_rows, pred_rows, width):
+        permuted = [tuple(row[i] for i in permutation) for row in pred_rows]
+        if (permuted if ordered else Counter(permuted)) == target:
+            return True
+    return False
+
+
+def gold_is_ordered(sql: str) -> bool:
+    """True when the last statement has an ORDER BY outside parentheses (row order is part of the answer)."""
+    import sqlglot
+    from sqlglot.tokens import Tokenizer, TokenType
+
+    try:
+        with quiet_sqlglot():
+            tokens = Tokenizer().tokenize(sql)
+    except sqlglot.errors.SqlglotError:
+        return bool(re.search(r"\border\s+by\b", sql, re.I))
+    depth, ordered, ended = 0, False, False
+    for token in tokens:
+        if token.token_type == TokenType.SEMICOLON and depth == 0:
+            ended = True
+            continue
+        if ended:
+            ordered, ended = False, False
+        if token.token_type == TokenType.L_PAREN:
+            depth += 1
+        elif token.token_type == TokenType.R_PAREN:
+            depth = max(0, depth - 1)
+        elif token.token_type == TokenType.ORDER_BY and depth == 0:
+            ordered = True
+    return ordered
+
+
+def normalize_sql(sql: str, schema: dict[str, dict[str, str]] | None = None) -> str | None:
+    """Canonical text of `sql` via sqlglot (qualified against `schema` where possible); None if unparsable."""
+    import sqlglot
+    from sqlglot.optimizer.normalize import normalize
+    from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+    from sqlglot.optimizer.qualify import qualify
+    from sqlglot.optimizer.simplify import simplify
+
+    with quiet_sqlglot():
+        for dialect in ("sqlite", None):
+            try:
+                expressions = [e for e in sqlglot.parse(sql, read=dialect) if e is not None]
+            except sqlglot.errors.SqlglotError:
+                continue
+            if not expressions:
+                return None
+            parts = []
+            for expression in expressions:
+                canonical = normalize_identifiers(expression, dialect="sqlite")
+                canonical = _attempt(canonical, lambda e: qualify(
+                    e, schema=schema or None, dialect="sqlite", validate_qualify_columns=False,
+                    quote_identifiers=False,
+                ))
+                canonical = _attempt(canonical, lambda e: simplify(normalize(e), dialect="sqlite"))
+                parts.append(canonical.sql(dialect="sqlite", normalize=True, pretty=False, comments=False))
+            return ";".join(parts)
+    return None
+
+
+def _attempt(expression: Any, rewrite: Callable[[Any], Any]) -> Any:
+    """`rewrite` applied to a copy, or the expression unchanged when sqlglot cannot rewrite it."""
+    try:
+        return rewrite(expression.copy())
+    except Exception:  # sqlglot raises many kinds of errors on odd SQL
+        return expression
+
+
+def _score_row(row: dict, prediction: dict | None, limits: Limits) -> dict:
+    gold_sql = str(row.get("sql") or "")
+    prediction = prediction or {}
+    text = prediction["sql"] if "sql" in prediction else prediction.get("raw")
+    pred_sql = extract_sql(str(text or ""))
+    context = build_context(str(row.get("sql_context") or ""), limits)
+    try:
+        gold_error, gold = _run_gold(context, gold_sql)
+        pred = _run(context, pred_sql) if pred_sql else None
+        schema = context.template.schema()
+    finally:
+        context.close()
+    pred_error = "empty prediction" if pred is None else pred.error
+    valid = pred is not None and pred.ok
+    exec_match = None
+    if gold_error is None:
+        exec_match = valid and results_match(gold, pred, ordered=gold_is_ordered(gold_sql))
+    exact = bool(pred_sql) and _plain(pred_sql) == _plain(gold_sql)
+    normalized = exact
+    if pred_sql and not exact:
+        gold_norm, pred_norm = normalize_sql(gold_sql, schema), normalize_sql(pred_sql, schema)
+        normalized = gold_norm is not None and gold_norm == pred_norm
+    record = {
+        "id": row.get("id"),
+        "question": row.get("sql_prompt"),
+        "gold_sql": gold_sql,
+        "pred_sql": pred_sql,
+        "gold_error": gold_error,
+        "pred_error": pred_error,
+        "exec_match": exec_match,
+        "exact_match": exact,
+        "normalized_match": normalized,
+        "valid_sql": valid,
+        "empty": not pred_sql,
+        "stopped": prediction.get("stopped"),
+        "sql_complexity": row.get("sql_complexity"),
+        "sql_task_type": row.get("sql_task_type"),
+        "domain": row.get("domain"),
+        "context_transpiled": bool(context.transpiled),
+    }
+    return record
+
+
+def _run_gold(context: ContextDB, gold_sql: str) -> tuple[str | None, QueryResult | None]:
+    if context.error:
+        return f"context: {context.error}", None
+    gold = _run(context, gold_sql)
+    return (None, gold) if gold.ok else (f"gold: {gold.error}", None)
+
+
+def _run(context: ContextDB, sql: str) -> QueryResult:
+    with context.fresh() as db:
+        return db.run_query(sql)
+
+
+def _metric_set(records: list[dict]) -> dict:
+    scored = [r for r in records if r["gold_error"] is None]
+    with_stop = [r for r in records if r.get("stopped") is not None]
+    return {
+        "n_rows": len(records),
+        "n_gold_failed": len(records) - len(scored),
+        "n_scored": len(scored),
+        "execution_accuracy": _share(r["exec_match"] for r in scored),
+        "exact_match": _share(r["exact_match"] for r in records),
+        "normalized_match": _share(r["normalized_match"] for r in records),
+        "valid_sql_rate": _share(r["valid_sql"] for r in records),
+        "empty_rate": _share(r["empty"] for r in records),
+        "runaway_rate": _share(not r["stopped"] for r in with_stop),
+    }
+
+
+def _share(flags: Iterable[bool]) -> float | None:
+    values = [bool(flag) for flag in flags]
+    return sum(values) / len(values) if values else None
+
+
+def _deltas(base: dict, tuned: dict) -> dict[str, float | None]:
+    pairs = {key: (base.get(key), tuned.get(key)) for key in HEADLINE_METRICS}
+    return {key: None if b is None or t is None else t - b for key, (b, t) in pairs.items()}
+
+
+def _index_predictions(rows: list[dict], predictions: list[dict]) -> dict[str, dict]:
+    known = {_id_key(row.get("id")) for row in rows}
+    by_id: dict[str, dict] = {}
+    for prediction in predictions:
+        key = _id_key(prediction.get("id"))
+        if key not in known:
+            raise JobError(f"prediction for id {prediction.get('id')!r} matches no evaluation row")
+        if key in by_id:
+            raise JobError(f"two predictions for id {prediction.get('id')!r}")
+        by_id[key] = prediction
+    return by_id
+
+
+def _id_key(value: object) -> str:
+    """5, 5.0, "5" and " 5 " are one id; other values compare as stripped strings."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return str(int(text)) if re.fullmatch(r"[+-]?\d+", text) else text
+
+
+def _plain(sql: str) -> str:
+    return re.sub(r"[\s;]+$", "", " ".join(sql.lower().split()))
+
+
+def _row_counts(rows: list[tuple]) -> Counter:
+    return Counter(map(_canonical_row, rows))
+
+
+def _canonical_row(row: tuple) -> tuple:
+    return tuple(_canonical_value(value) for value in row)
+
+
+def _canonical_value(value: object) -> object:
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return repr(value)
+        value = float(f"{value:.{_FLOAT_DIGITS}g}")
+        return int(value) if value.is_integer() else value
+    return value
+
+
+def _column_permutations(gold: list[tuple], pred: list[tuple], width: int) -> Iterable[tuple[int, ...]]:
+    """Orders of pred's columns worth trying: each pred column maps to a gold column with the same values."""
+    gold_columns = [Counter(row[i] for row in gold) for i in range(width)]
+    pred_columns = [Counter(row[i] for row in pred) for i in range(width)]
+    # candidates[g] = pred columns whose multiset of values equals gold column g's
+    candidates = [[p for p in range(width) if pred_columns[p] == gold_columns[g]] for g in range(width)]
+    if any(not options for options in candidates):
+        return
+    yield from itertools.islice(_distinct_choices(candidates, ()), _MAX_PERMUTATIONS)
+
+
+def _distinct_choices(candidates: list[list[int]], chosen: tuple[int, ...]) -> Iterable[tuple[int, ...]]:
+    if len(chosen) == len(candidates):
+        yield chosen
+        return
+    for option in candidates[len(chosen)]:
+        if option not in chosen:
+            yield from _distinct_choices(candidates, (*chosen, option))
