@@ -38,4 +38,4 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
         if name.startswith("FINETUNE_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
-from s3_fixtures import *  # noqa: F401,F403  (loopback S3 server fixtures)
+from s3_fixtures import *  # noqa: E402,F403  (loopback S3 server fixtures)

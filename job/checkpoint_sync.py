@@ -1,0 +1,156 @@
+"""Checkpoints in local folders or S3: finding the newest complete one, fetching it, and mirroring saves.
+
+A Trainer checkpoint `checkpoint-N` is complete once its `trainer_state.json` exists and parses: the Trainer
+writes it last, and the mirror uploads it last, so a half-written or half-uploaded checkpoint never counts.
+`CheckpointMirror` subclasses transformers' TrainerCallback and is defined on first access, so importing this
+module does not import transformers (or torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from job import storage
+from job.errors import JobError, MissingInputError
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+SNAPSHOT_DIR = ".checkpoint-mirror"
+"""Under the Trainer's output_dir: hard-linked snapshots of checkpoints being uploaded, so checkpoint rotation
+(save_total_limit) cannot delete files mid-upload."""
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+if TYPE_CHECKING:
+    CheckpointMirror: type[_Mirror]  # defined by __getattr__ below, subclassing transformers.TrainerCallback
+
+
+def is_complete(location: str) -> bool:
+    """Whether the checkpoint folder at `location` has a trainer_state.json that parses."""
+    try:
+        json.loads(storage.read_text(storage.join(location, TRAINER_STATE)))
+    except (storage.NotFound, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def latest_complete_checkpoint(location: str) -> str | None:
+    """The `checkpoint-N` folder under `location` (local folder or s3:// prefix) with the highest N that is
+    complete, or None (also when a local `location` does not exist yet)."""
+    try:
+        names = storage.list_dirs(location)
+    except storage.NotFound:
+        return None
+    steps = sorted(((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.fullmatch(n))), reverse=True)
+    for _, name in steps:
+        candidate = storage.join(location, name)
+        if is_complete(candidate):
+            return candidate
+    return None
+
+
+def fetch_checkpoint(uri: str, local_dir: Path) -> Path:
+    """A complete checkpoint as a local folder: a remote one is downloaded to `local_dir/<name>` (replacing
+    what is there, via a temporary folder), a local one is returned as it is."""
+    if not is_complete(uri):
+        raise MissingInputError(f"{uri}: not a complete checkpoint (no valid {TRAINER_STATE})")
+    if not storage.is_remote(uri):
+        return storage.local_path(uri)
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    target = local_dir / name
+    partial = local_dir / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    storage.download_dir(uri, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    logger.info("fetched checkpoint %s into %s", uri, target)
+    return target
+
+
+def _snapshot(src: Path, dest: Path) -> Path:
+    """Hard-link copy of a checkpoint folder (a real copy where links are not possible)."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, copy_function=link)
+    return dest
+
+
+class _Mirror:
+    """Uploads each checkpoint the Trainer saves to `<checkpoint_uri>/checkpoint-<step>/` in a background
+    thread, trainer_state.json last. At most one upload is in flight: a save waits for the previous upload.
+    Only the world-process-zero uploads. Failures are logged when they happen and raised by `wait()`, which
+    `on_train_end` calls; call `wait()` yourself to flush on SIGTERM."""
+
+    def __init__(self, checkpoint_uri: str) -> None:
+        self.checkpoint_uri = checkpoint_uri.rstrip("/")
+        self._thread: threading.Thread | None = None
+        self._failures: list[str] = []
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self._join()
+        name = f"checkpoint-{state.global_step}"
+        src = Path(args.output_dir) / name
+        if not src.is_dir():
+            logger.warning("checkpoint mirror: %s not found, nothing to upload", src)
+            return
+        snapshot = _snapshot(src, Path(args.output_dir) / SNAPSHOT_DIR / name)
+        dest = storage.join(self.checkpoint_uri, name)
+        self._thread = threading.Thread(target=self._upload, args=(snapshot, dest), name=f"mirror-{name}")
+        self._thread.start()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        """Block until the upload in flight is done; raise JobError if uploads failed since the last wait."""
+        self._join()
+        failures, self._failures = self._failures, []
+        if failures:
+            raise JobError(
+                f"checkpoint mirror to {self.checkpoint_uri}: {len(failures)} upload(s) failed: "
+                f"{'; '.join(failures)} (the local checkpoints are intact)"
+            )
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _upload(self, snapshot: Path, dest: str) -> None:
+        try:
+            storage.upload_dir(snapshot, dest, last=TRAINER_STATE)
+            logger.info("checkpoint mirror: %s uploaded to %s", snapshot.name, dest)
+        except Exception as exc:
+            logger.error("checkpoint mirror: upload of %s to %s failed: %s", snapshot.name, dest, exc)
+            self._failures.append(f"{snapshot.name}: {exc}")
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                snapshot.parent.rmdir()  # only once empty
+
+
+def __getattr__(name: str) -> Any:
+    """Defines `CheckpointMirror(_Mirror, transformers.TrainerCallback)` on first use."""
+    if name != "CheckpointMirror":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
+
+    namespace = {"__module__": __name__, "__doc__": _Mirror.__doc__}
+    cls = type("CheckpointMirror", (_Mirror, TrainerCallback), namespace)
+    globals()[name] = cls
+    return cls
