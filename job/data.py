@@ -68,9 +68,9 @@ def _split_files(files: list[str]) -> dict[str, list[str]]:
 
 def check_source(source: str) -> None:
     """Fail fast, before any model is loaded, on a local data source that does not exist."""
-    if not source.startswith("s3://") and _looks_like_path(source):
-        if not Path(source.removeprefix("file://")).expanduser().exists():
-            raise ConfigError(f"data.source {source}: no such file or folder")
+    local = not source.startswith("s3://") and _looks_like_path(source)
+    if local and not Path(source.removeprefix("file://")).expanduser().exists():
+        raise ConfigError(f"data.source {source}: no such file or folder")
 
 
 def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:

@@ -49,8 +49,7 @@ def _score(cfg: JobConfig, rows: list[dict[str, Any]], predictions: list[dict[st
 
 def score_file(cfg: JobConfig, predictions_path: Path, output: Path | None) -> dict[str, Any]:
     """Score a predictions file against the rows of `data.source` that the predictions name."""
-    from job.data import load_source, validate_rows
-    from job.data import SplitReport
+    from job.data import SplitReport, load_source, validate_rows
 
     predictions = read_predictions(predictions_path)
     splits = load_source(cfg.data.source)

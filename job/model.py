@@ -32,7 +32,15 @@ def _converted_gguf(gguf: Path) -> Path:
     log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
     tmp = target.with_name(target.name + ".tmp")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers keeps a GGUF quantizer on the model, which refuses to save: copy the dequantized weights
+    # into a plain model of the same architecture.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").touch()

@@ -44,7 +44,8 @@ given the schema (`CREATE TABLE` / `INSERT` statements). Loss on the answer and 
 | Dataset | {cfg.data.source} ({train_rows} training rows, seed {cfg.data.seed}) |
 | Method | {method} |
 | Steps | {steps} (batch {t.per_device_batch_size} x accumulation {t.gradient_accumulation_steps} per device) |
-| Optimizer | {t.optim}, lr {t.learning_rate}, {t.lr_scheduler} schedule, warmup {t.warmup_ratio}, max grad norm {t.max_grad_norm} |
+| Optimizer | {t.optim}, lr {t.learning_rate}, {t.lr_scheduler} schedule, warmup {t.warmup_ratio}, \
+max grad norm {t.max_grad_norm} |
 | Sequence length | {t.max_seq_len} tokens; packing {"on" if t.packing and m.type == "lora" else "off"} |
 
 ## Use

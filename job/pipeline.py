@@ -24,12 +24,11 @@ def _say(message: str) -> None:
 
 def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dict[str, Any]:
     """Train (and evaluate) one run, then publish it to `<output.uri>/<run_id>/`. Returns the run's summary."""
+    from job.data import check_source
     from job.model import load_tokenizer, resolve_model_path
     from job.prepare import prepare, summary, write_prepared
     from job.publish import build_manifest, publish_run
     from job.train import train
-
-    from job.data import check_source
 
     started = _now()
     check_source(cfg.data.source)

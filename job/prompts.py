@@ -84,10 +84,7 @@ class ChatFormatter:
         prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         answer_ids = self.tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         stop_at = next((i for i, token in enumerate(answer_ids) if token in self.stop_ids), None)
-        if stop_at is None:
-            answer_ids = [*answer_ids, self.tokenizer.eos_token_id]
-        else:
-            answer_ids = answer_ids[: stop_at + 1]
+        answer_ids = [*answer_ids, self.tokenizer.eos_token_id] if stop_at is None else answer_ids[: stop_at + 1]
         return TokenizedExample(
             input_ids=prompt_ids + answer_ids,
             labels=[-100] * len(prompt_ids) + answer_ids,

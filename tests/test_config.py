@@ -11,7 +11,7 @@ from job.errors import ConfigError
 def test_presets_are_listed_with_descriptions():
     presets = list_presets()
     for name in ("gemma-2b-it-qlora", "gemma-2b-it-lora", "gemma-2b-it-prompt-tuning"):
-        assert name in presets and presets[name]
+        assert presets.get(name)
 
 
 def test_default_preset_is_qlora_nf4_double_quant_all_linear():
@@ -86,7 +86,7 @@ def test_invalid_input_names_the_field(config, overrides, expected):
 def test_unknown_key_in_file_is_an_error(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("training:\n  epochs: 1\n  learning_rat: 0.1\n")
-    with pytest.raises(ConfigError, match="training.learning_rat"):
+    with pytest.raises(ConfigError, match=r"training\.learning_rat"):
         load_config(str(path), environ={})
 
 
