@@ -74,6 +74,7 @@ def cli(verbose: bool) -> None:
         stream=sys.stderr,
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional-kernel notice is not actionable
 
 
 @cli.command()
@@ -134,18 +135,25 @@ def run(
 @_config_options
 @click.option("--adapter", help="Adapter folder or s3:// URI to evaluate on top of the base model.")
 @click.option("--base-only", is_flag=True, help="Evaluate the base model alone.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for predictions.jsonl, metrics.json and the reports.")
-def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, output: Path) -> None:
+@click.option("--output", required=True, help="Folder or s3:// URI for predictions, metrics.json and the reports.")
+def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, output: str) -> None:
     """Generate SQL for the held-out rows, execute it in a sandbox, and score it."""
+    import tempfile
+
+    from job import storage
     from job.evaluate import evaluate_models
+    from job.report import headline_line
 
     if bool(adapter) == base_only:
         raise ConfigError("give exactly one of --adapter PATH_OR_URI and --base-only")
     cfg = _load(config_name, overrides)
-    metrics = evaluate_models(cfg, output, adapter=adapter, compare_base=False)
+    with tempfile.TemporaryDirectory(prefix="finetune-eval-") as staging:
+        local = Path(staging) if storage.is_remote(output) else Path(output)
+        metrics = evaluate_models(cfg, local, adapter=adapter, compare_base=False)
+        if storage.is_remote(output):
+            storage.upload_dir(local, output)
     for label, values in metrics.items():
-        click.echo(_headline(label, values))
+        click.echo(headline_line(label, values))
     click.echo(f"wrote {output}")
 
 
@@ -157,19 +165,11 @@ def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, 
 def score(config_name: str, overrides: tuple[str, ...], predictions: Path, output: Path | None) -> None:
     """Score existing predictions against their dataset rows by executing both."""
     from job.evaluate import score_file
+    from job.report import headline_line
 
     cfg = _load(config_name, overrides)
     metrics = score_file(cfg, predictions, output)
-    click.echo(_headline("predictions", metrics))
-
-
-def _headline(label: str, m: dict[str, Any]) -> str:
-    runaway = f"  runaway {m['runaway_rate']:.1%}" if m.get("runaway_rate") is not None else ""
-    return (
-        f"{label}: execution accuracy {m['execution_accuracy']:.1%} ({m['n_scored']} rows scored, "
-        f"{m['n_gold_failed']} with failing gold)  exact {m['exact_match']:.1%}  "
-        f"valid SQL {m['valid_sql_rate']:.1%}{runaway}"
-    )
+    click.echo(headline_line("predictions", metrics))
 
 
 @cli.group()
@@ -199,6 +199,16 @@ def artifacts_pull(run_uri: str, dest: Path) -> None:
     from job.artifacts import pull_run
 
     click.echo(f"pulled and verified {pull_run(run_uri, dest)}")
+
+
+@artifacts.command("push")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("dest_uri")
+def artifacts_push(run_dir: Path, dest_uri: str) -> None:
+    """Publish a local run folder (with its manifest.json) to DEST_URI; retries a publish that failed."""
+    from job.publish import publish_run
+
+    click.echo(f"published {publish_run(run_dir, dest_uri)}")
 
 
 def main(argv: list[str] | None = None) -> None:

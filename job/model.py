@@ -57,11 +57,13 @@ def resolve_model_path(name: str) -> str:
     if name.startswith("s3://"):
         from job.storage import fetch_to_cache
 
-        return str(fetch_to_cache(name, cache_root() / "models"))
+        fetched = fetch_to_cache(name, cache_root() / "models")
+        return str(_converted_gguf(fetched) if fetched.suffix == ".gguf" else fetched)
     path = Path(name.removeprefix("file://")).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ConfigError(f"model.name {name}: no such .gguf file")
+            hint = " (fetch the demo model with: python -m job.demo_model)" if "SmolLM2" in path.name else ""
+            raise ConfigError(f"model.name {name}: no such .gguf file{hint}")
         return str(_converted_gguf(path))
     if path.exists():
         if not (path / "config.json").is_file():

@@ -68,6 +68,13 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
     )
     location = publish_run(run.path, destination, manifest, replace=overwrite)
     _say(f"published {location}")
+    if metrics:
+        from job.report import headline_line
+
+        for label, values in metrics.items():
+            if label in ("base", "tuned"):
+                _say(headline_line(label, values))
+        _say(f"report: {run.path / 'eval' / 'report.html'} (and report.md)")
     return {"run_id": run.run_id, "location": location, "metrics": metrics, "steps": result.global_step}
 
 

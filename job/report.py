@@ -47,6 +47,16 @@ def write_reports(
     (eval_dir / "report.html").write_text(_html(title, metrics_by_model, worst_label, worst, train_log))
 
 
+def headline_line(label: str, m: dict[str, Any]) -> str:
+    """One terminal line with a model's headline numbers."""
+    runaway = f", runaway {m['runaway_rate']:.1%}" if m.get("runaway_rate") is not None else ""
+    return (
+        f"{label}: execution accuracy {m['execution_accuracy']:.1%} of {m['n_scored']} scored rows "
+        f"({m['n_gold_failed']} with failing gold left out), exact {m['exact_match']:.1%}, "
+        f"valid SQL {m['valid_sql_rate']:.1%}{runaway}"
+    )
+
+
 def headline_markdown(metrics_by_model: dict[str, dict]) -> str:
     """Headline metrics as markdown: one column per model, plus Δ (tuned - base) when both exist."""
     models = list(metrics_by_model)

@@ -64,14 +64,27 @@ class RunFolder:
 
 
 def _latest_unfinished(root: Path, cfg: JobConfig) -> str | None:
-    """Newest run folder of this config that has no manifest yet (what `--resume auto` continues)."""
+    """Newest run of this config without a manifest yet (what `--resume auto` continues), locally or in the bucket."""
     suffix = f"-{config_hash(cfg)}"
-    if not root.is_dir():
-        return None
-    candidates = sorted(
-        p.name for p in root.iterdir() if p.is_dir() and p.name.endswith(suffix) and not (p / MANIFEST).exists()
-    )
-    return candidates[-1] if candidates else None
+    candidates = set()
+    if root.is_dir():
+        candidates |= {p.name for p in root.iterdir() if p.is_dir() and p.name.endswith(suffix)}
+        candidates -= {name for name in candidates if (root / name / MANIFEST).exists()}
+    if is_remote(cfg.output.uri):
+        from job.artifacts import list_runs
+
+        remote = list_runs(cfg.output.uri)
+        candidates |= {r["run_id"] for r in remote if r["run_id"].endswith(suffix) and not r["complete"]}
+        candidates -= {r["run_id"] for r in remote if r["complete"]}
+    return max(candidates) if candidates else None
+
+
+def _published_remotely(cfg: JobConfig, run_id: str) -> bool:
+    if not is_remote(cfg.output.uri):
+        return False
+    from job import storage
+
+    return storage.exists(storage.join(cfg.output.uri, run_id, MANIFEST))
 
 
 def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
@@ -84,6 +97,10 @@ def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
         run_id = _latest_unfinished(root, cfg)
     run_id = run_id or new_run_id(cfg)
     folder = RunFolder(run_id=run_id, path=root / run_id)
+    if not overwrite and _published_remotely(cfg, run_id):
+        raise ConfigError(
+            f"run {cfg.output.uri.rstrip('/')}/{run_id} is finished (has {MANIFEST}); pass --overwrite to replace it"
+        )
     if folder.path.exists() and any(folder.path.iterdir()):
         if overwrite:
             shutil.rmtree(folder.path)

@@ -167,6 +167,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         seed=t.seed,
         data_seed=t.seed,
         report_to=["tensorboard"],
+        dataloader_pin_memory=cuda,
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,
@@ -179,6 +180,10 @@ class TrainResult:
     global_step: int
     final_loss: float | None
     train_log: list[dict[str, Any]]
+    real_tokens: int = 0
+    """Tokens of training rows processed in this session (padding excluded)."""
+    processed_tokens: int = 0
+    """Tokens the model processed in this session, padding included."""
     model: Any = None
     """The trained peft model, still in memory."""
 
@@ -255,7 +260,8 @@ def train(
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainResult(
-        adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log, model=trainer.model
+        adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log,
+        real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens, model=trainer.model,
     )
 
 

@@ -169,3 +169,21 @@ def test_finished_run_is_not_overwritten_without_flag(tiny_model, sample_path, t
     forced = _finetune([*args, "--overwrite", "--set", "training.seed=5"])
     assert forced.wait(timeout=300) == 0, forced.stderr.read()
     assert adapter.read_bytes() != before
+
+
+def test_packed_rows_do_not_attend_to_each_other(tiny_model):
+    """What trl's padding-free collator feeds the model gives each packed row the logits it has alone."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    first, second = list(range(5, 25)), list(range(30, 42))
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+        [{"input_ids": first}, {"input_ids": second}]
+    )
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 32)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        packed = model(**inputs, use_cache=False).logits  # trl's compute_loss passes use_cache=False
+        alone = model(input_ids=torch.tensor([second])).logits
+    assert torch.allclose(packed[0, len(first) :], alone[0], atol=1e-5)
