@@ -75,8 +75,10 @@ class TrainingConfig(_Section):
     optim: str = "auto"
     """`auto`: paged 8-bit AdamW for 4-bit bases on CUDA, fused AdamW on CUDA otherwise, AdamW on CPU."""
     gradient_checkpointing: bool = True
-    packing: bool = True
-    """Pack rows padding-free where the attention keeps them apart; otherwise batch rows of similar length."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack rows padding-free (LoRA only). `auto` packs when the attention has variable-length kernels
+    (flash_attention_2/3), where packing saves work; with SDPA/eager a packed batch is one long sequence with a
+    block mask, slower than padding (see BENCHMARKS.md), so `auto` batches rows of similar length instead."""
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(3, ge=1)

@@ -24,7 +24,7 @@ def _front_matter(cfg: JobConfig) -> str:
     return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False) + "---\n"
 
 
-def write_model_card(adapter_dir: Path, cfg: JobConfig, prepared: Any, steps: int) -> Path:
+def write_model_card(adapter_dir: Path, cfg: JobConfig, prepared: Any, steps: int, packed: bool) -> Path:
     m, t = cfg.method, cfg.training
     if m.type == "lora":
         method = f"LoRA r={m.lora_r}, alpha={m.lora_alpha}, dropout={m.lora_dropout}, targets {m.target_modules}"
@@ -46,7 +46,7 @@ given the schema (`CREATE TABLE` / `INSERT` statements). Loss on the answer and 
 | Steps | {steps} (batch {t.per_device_batch_size} x accumulation {t.gradient_accumulation_steps} per device) |
 | Optimizer | {t.optim}, lr {t.learning_rate}, {t.lr_scheduler} schedule, warmup {t.warmup_ratio}, \
 max grad norm {t.max_grad_norm} |
-| Sequence length | {t.max_seq_len} tokens; packing {"on" if t.packing and m.type == "lora" else "off"} |
+| Sequence length | {t.max_seq_len} tokens; {"packed padding-free" if packed else "batches of similar length"} |
 
 ## Use
 

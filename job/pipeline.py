@@ -23,7 +23,17 @@ def _say(message: str) -> None:
 
 
 def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dict[str, Any]:
-    """Train (and evaluate) one run, then publish it to `<output.uri>/<run_id>/`. Returns the run's summary."""
+    """Train (and evaluate) one run, then publish it to `<output.uri>/<run_id>/`. Returns the run's summary.
+
+    SIGTERM during training saves a checkpoint first; anywhere else it stops at once; both exit with 75.
+    """
+    from job.preemption import stop_on_sigterm
+
+    with stop_on_sigterm():
+        return _run(cfg, resume=resume, overwrite=overwrite, evaluate=evaluate)
+
+
+def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dict[str, Any]:
     from job.data import check_source
     from job.model import load_tokenizer, resolve_model_path
     from job.prepare import prepare, summary, write_prepared
@@ -35,6 +45,9 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
     model_path = resolve_model_path(cfg.model.name)
     run = open_run_folder(cfg, resume, overwrite)
     destination = f"{cfg.output.uri.rstrip('/')}/{run.run_id}"
+    if run.finished:
+        _say(f"run {run.run_id} finished earlier but was not published; publishing it now")
+        return {"run_id": run.run_id, "location": publish_run(run.path, destination), "metrics": None}
     if cfg.training.checkpoint_uri is None and is_remote(cfg.output.uri):
         # Mirror checkpoints next to the run, so a new machine can resume after a spot instance dies.
         cfg.training.checkpoint_uri = f"{destination}/checkpoints"

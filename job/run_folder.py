@@ -104,6 +104,8 @@ def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
     if folder.path.exists() and any(folder.path.iterdir()):
         if overwrite:
             shutil.rmtree(folder.path)
+        elif folder.finished and resume == "auto" and is_remote(cfg.output.uri):
+            return folder  # finished here, but its publish never completed: the pipeline publishes it again
         elif folder.finished:
             raise ConfigError(
                 f"run {folder.path} is finished (has {MANIFEST}); pass --overwrite to replace it, or another run id"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 from job.config import JobConfig
 from job.errors import ConfigError, PreemptedError
+from job.preemption import PreemptionFlag
 from job.prepare import PreparedData
 from job.run_folder import RunFolder
 
@@ -99,32 +99,21 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
     return [ProgressLog(), StopOnSigterm()]
 
 
-class PreemptionFlag:
-    """Records SIGTERM instead of dying, so the trainer can checkpoint first."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if not self.requested:
-            print("SIGTERM received: saving a checkpoint after this step, then stopping", file=sys.stderr, flush=True)
-        self.requested = True
-
-    def __enter__(self) -> PreemptionFlag:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def _optimizer(cfg: JobConfig, quantized: bool, cuda: bool) -> str:
     if cfg.training.optim != "auto":
         return cfg.training.optim
     if cuda:
         return "paged_adamw_8bit" if quantized else "adamw_torch_fused"
     return "adamw_torch"
+
+
+def uses_packing(cfg: JobConfig, model: Any) -> bool:
+    """Whether rows are packed padding-free; prompt tuning never packs (its virtual tokens prefix each row)."""
+    if cfg.method.type != "lora" or cfg.training.packing is False:
+        return False
+    if cfg.training.packing is True:
+        return True
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
 
 
 def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> Any:
@@ -136,8 +125,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
     t = cfg.training
     cuda = torch.cuda.is_available()
     dtype = getattr(model, "dtype", torch.float32)
-    # Prompt tuning prepends its virtual tokens to each row, so rows cannot be packed into one sequence.
-    packing = t.packing and cfg.method.type == "lora"
+    packing = uses_packing(cfg, model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.sub("logs", "tensorboard"))  # read by transformers' callback
     return SFTConfig(
         output_dir=str(run.sub("checkpoints")),
@@ -180,12 +168,18 @@ class TrainResult:
     global_step: int
     final_loss: float | None
     train_log: list[dict[str, Any]]
+    train_seconds: float = 0.0
+    """Wall time of `trainer.train()` in this session."""
     real_tokens: int = 0
     """Tokens of training rows processed in this session (padding excluded)."""
     processed_tokens: int = 0
     """Tokens the model processed in this session, padding included."""
     model: Any = None
     """The trained peft model, still in memory."""
+
+
+def _step(checkpoint: str | None) -> int:
+    return int(checkpoint.rstrip("/").rsplit("-", 1)[-1]) if checkpoint else -1
 
 
 def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
@@ -199,8 +193,7 @@ def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | Non
         return resume
     local = latest_complete_checkpoint(str(run.path / "checkpoints"))
     remote = latest_complete_checkpoint(cfg.training.checkpoint_uri) if cfg.training.checkpoint_uri else None
-    step = lambda location: int(location.rstrip("/").rsplit("-", 1)[-1]) if location else -1  # noqa: E731
-    if remote and step(remote) > step(local):
+    if remote and _step(remote) > _step(local):
         if cfg.training.checkpoint_uri.startswith("s3://"):
             return str(fetch_checkpoint(remote, run.sub("checkpoints")))
         return remote
@@ -242,8 +235,10 @@ def train(
 
             mirror = CheckpointMirror(cfg.training.checkpoint_uri)
             trainer.add_callback(mirror)
+        started = time.monotonic()
         trainer.train(resume_from_checkpoint=checkpoint)
-        if preemption.requested:
+        train_seconds = time.monotonic() - started
+        if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
             if cfg.training.checkpoint_uri:
                 mirror.wait()
             raise PreemptedError(
@@ -256,12 +251,13 @@ def train(
         tokenizer.save_pretrained(str(adapter_dir))
         from job.model_card import write_model_card
 
-        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step)
+        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing)
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainResult(
         adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log,
-        real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens, model=trainer.model,
+        train_seconds=train_seconds, real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens,
+        model=trainer.model,
     )
 
 

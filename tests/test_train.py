@@ -46,6 +46,7 @@ def _train(preset, tiny_model, sample_path, tmp_path, *extra):
     [
         ("gemma-2b-it-qlora", ["training.learning_rate=1e-2"]),
         ("gemma-2b-it-lora", ["training.learning_rate=1e-2"]),
+        ("gemma-2b-it-lora", ["training.learning_rate=1e-2", "training.packing=true"]),
         ("gemma-2b-it-prompt-tuning", ["training.learning_rate=3e-1", "method.num_virtual_tokens=8"]),
     ],
 )
@@ -61,6 +62,8 @@ def test_each_method_lowers_the_loss_on_a_repeated_batch(preset, extra, tiny_mod
     assert (run.path / "config.yaml").is_file() and any((run.path / "logs" / "tensorboard").rglob("events.*"))
     entry = result.train_log[-1]
     assert entry["tokens_per_s"] > 0 and 0 < entry["non_padding_share"] <= 1
+    if "training.packing=true" in extra:  # padding-free: every processed token is a real one
+        assert entry["non_padding_share"] == 1.0 and result.real_tokens == result.processed_tokens
 
 
 def test_quantized_base_is_4bit_nf4(tiny_model, sample_path, tmp_path):
