@@ -54,8 +54,7 @@ def prepare(cfg: JobConfig, tokenizer: Any, cache_dir: Path | None = None) -> Pr
     kept_rows, examples = [], []
     lengths: dict[str, dict[str, list[int]]] = {s: {"prompt": [], "answer": [], "total": []} for s in ("train", "eval")}
     for split, rows in (("train", splits.train), ("eval", splits.eval)):
-        for row in rows:
-            example = formatter.tokenize(row)
+        for row, example in zip(rows, formatter.tokenize_many(rows), strict=True):
             total = len(example.input_ids)
             lengths[split]["prompt"].append(example.prompt_len)
             lengths[split]["answer"].append(total - example.prompt_len)

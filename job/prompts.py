@@ -68,21 +68,34 @@ class ChatFormatter:
         return self.tokenizer.apply_chat_template(self.messages(row), tokenize=False, add_generation_prompt=True)
 
     def tokenize(self, row: dict[str, Any]) -> TokenizedExample:
+        return self.tokenize_many([row])[0]
+
+    def tokenize_many(self, rows: list[dict[str, Any]]) -> list[TokenizedExample]:
         """Prompt and answer token ids, with the loss on the answer and its end-of-turn token only.
 
         The prompt is tokenized on its own, exactly as at inference. The answer runs up to and including the
         first end-of-turn/EOS token (anything the template puts after it is dropped); a template that closes the
-        assistant turn without one gets EOS appended, so the model learns to stop.
+        assistant turn without one gets EOS appended, so the model learns to stop. Rows are tokenized in one
+        batch call per part (the tokenizer's Rust side parallelizes it).
         """
-        messages = self.messages(row)
-        prompt_text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full_text = self.tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": row["sql"].strip()}], tokenize=False
-        )
-        if not full_text.startswith(prompt_text):
-            raise ConfigError("model.name: the chat template renders the prompt differently once an answer follows")
-        prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        prompts, answers = [], []
+        for row in rows:
+            messages = self.messages(row)
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            full = self.tokenizer.apply_chat_template(
+                [*messages, {"role": "assistant", "content": row["sql"].strip()}], tokenize=False
+            )
+            if not full.startswith(prompt):
+                raise ConfigError("model.name: the chat template renders the prompt differently once an answer follows")
+            prompts.append(prompt)
+            answers.append(full[len(prompt) :])
+        if not rows:
+            return []
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        return [self._example(p, a) for p, a in zip(prompt_ids, answer_ids, strict=True)]
+
+    def _example(self, prompt_ids: list[int], answer_ids: list[int]) -> TokenizedExample:
         stop_at = next((i for i, token in enumerate(answer_ids) if token in self.stop_ids), None)
         answer_ids = [*answer_ids, self.tokenizer.eos_token_id] if stop_at is None else answer_ids[: stop_at + 1]
         return TokenizedExample(
