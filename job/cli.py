@@ -136,7 +136,10 @@ def run(
 @click.option("--adapter", help="Adapter folder or s3:// URI to evaluate on top of the base model.")
 @click.option("--base-only", is_flag=True, help="Evaluate the base model alone.")
 @click.option("--output", required=True, help="Folder or s3:// URI for predictions, metrics.json and the reports.")
-def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, output: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
+def evaluate(
+    config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, output: str, overwrite: bool
+) -> None:
     """Generate SQL for the held-out rows, execute it in a sandbox, and score it."""
     import tempfile
 
@@ -147,6 +150,7 @@ def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, 
     if bool(adapter) == base_only:
         raise ConfigError("give exactly one of --adapter PATH_OR_URI and --base-only")
     cfg = _load(config_name, overrides)
+    _refuse_existing_results(output, overwrite)
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as staging:
         local = Path(staging) if storage.is_remote(output) else Path(output)
         metrics = evaluate_models(cfg, local, adapter=adapter, compare_base=False)
@@ -162,14 +166,26 @@ def evaluate(config_name: str, overrides: tuple[str, ...], adapter: str | None, 
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help='JSON lines, one {"id": ..., "sql": ...} per row.')
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Folder for metrics.json.")
-def score(config_name: str, overrides: tuple[str, ...], predictions: Path, output: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
+def score(
+    config_name: str, overrides: tuple[str, ...], predictions: Path, output: Path | None, overwrite: bool
+) -> None:
     """Score existing predictions against their dataset rows by executing both."""
     from job.evaluate import score_file
     from job.report import headline_line
 
     cfg = _load(config_name, overrides)
+    if output:
+        _refuse_existing_results(str(output), overwrite)
     metrics = score_file(cfg, predictions, output)
     click.echo(headline_line("predictions", metrics))
+
+
+def _refuse_existing_results(output: str, overwrite: bool) -> None:
+    from job import storage
+
+    if not overwrite and storage.exists(storage.join(output, "metrics.json")):
+        raise ConfigError(f"--output {output} already holds results (metrics.json); pass --overwrite to replace them")
 
 
 @cli.group()

@@ -84,3 +84,21 @@ def test_prepare_prints_summary_and_writes_stats(tmp_path, tiny_model, sample_pa
     assert stats["splits"]["train"]["loaded"] == 400
     assert stats["splits"]["eval"]["kept"] == 40
     assert len((out / "examples.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.name=google/gemma-2b-it"], "model.name google/gemma-2b-it: cannot load"),
+        (["data.source=gretelai/synthetic_text_to_sql"], "data.source gretelai/synthetic_text_to_sql"),
+    ],
+)
+def test_unreachable_hub_inputs_exit_3_naming_the_field(overrides, expected, tiny_model, sample_path):
+    """Offline here (HF_HUB_OFFLINE=1), the Hub ids users normally run with are missing inputs, not bugs."""
+    base = [f"model.name={tiny_model}", f"data.source={sample_path}"]
+    args = ["prepare"]
+    for item in [*base, *overrides]:
+        args += ["--set", item]
+    result = finetune(*args)
+    assert result.returncode == 3, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr

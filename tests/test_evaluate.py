@@ -56,6 +56,14 @@ def test_score_gold_predictions_is_perfect_on_rows_whose_gold_runs(capsys, tmp_p
     assert metrics["execution_accuracy"] == 1.0 and metrics["exact_match"] == 1.0
     assert "execution accuracy 100.0%" in out
 
+    before = (tmp_path / "scored" / "metrics.json").read_text()
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"id": r["id"], "sql": "SELECT 1"}) + "\n" for r in rows))
+    code, _, err = run_cli(capsys, "score", "--predictions", str(wrong), *sets(f"data.source={sample_path}"),
+                           "--output", str(tmp_path / "scored"))
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "scored" / "metrics.json").read_text() == before  # existing results untouched
+
 
 def test_score_rejects_unknown_ids_and_bad_lines(capsys, tmp_path, sample_path):
     bad = tmp_path / "bad.jsonl"
