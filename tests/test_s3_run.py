@@ -94,3 +94,25 @@ def test_preempted_run_resumes_from_the_bucket_on_an_empty_disk(tmp_path, tiny_m
     state = json.loads((tmp_path / "machine-2" / "r2" / "checkpoints" / "checkpoint-40" / "trainer_state.json")
                        .read_text())
     assert state["global_step"] == 40
+
+
+def test_a_publish_that_never_finished_completes_on_rerun_or_push(
+    capsys, tmp_path, monkeypatch, tiny_model, sample_path, s3_bucket, s3_client
+):
+    work = tmp_path / "work"
+    monkeypatch.setenv("FINETUNE_WORK_DIR", str(work))
+    args = ["train", "--config", "gemma-2b-it-lora", "--output", f"s3://{s3_bucket}/runs", "--run-id", "r3",
+            *_overrides(tiny_model, sample_path, "training.max_steps=2")]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    s3_client.delete_object(Bucket=s3_bucket, Key="runs/r3/manifest.json")  # as if the upload died before the end
+
+    code, _, err = run_cli(capsys, *args)  # --resume auto (default): finished locally, so only publish again
+    assert code == 0, err
+    assert "publishing it now" in err and "step 1/" not in err  # nothing was retrained
+    assert "manifest.json" in _keys(s3_client, s3_bucket, "runs/r3/")
+
+    s3_client.delete_object(Bucket=s3_bucket, Key="runs/r3/manifest.json")
+    code, _, err = run_cli(capsys, "artifacts", "push", str(work / "r3"), f"s3://{s3_bucket}/runs/r3")
+    assert code == 0, err
+    assert "manifest.json" in _keys(s3_client, s3_bucket, "runs/r3/")
