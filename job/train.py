@@ -236,7 +236,7 @@ def train(
             mirror = CheckpointMirror(cfg.training.checkpoint_uri)
             trainer.add_callback(mirror)
         started = time.monotonic()
-        trainer.train(resume_from_checkpoint=checkpoint)
+        output = trainer.train(resume_from_checkpoint=checkpoint)
         train_seconds = time.monotonic() - started
         if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
             if cfg.training.checkpoint_uri:
@@ -254,8 +254,9 @@ def train(
         write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing)
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
     return TrainResult(
-        adapter_dir, trainer.state.global_step, losses[-1] if losses else None, train_log,
+        adapter_dir, trainer.state.global_step, final_loss, train_log,
         train_seconds=train_seconds, real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens,
         model=trainer.model,
     )
