@@ -29,15 +29,17 @@ def _keys(s3_client, bucket, prefix):
     return {obj["Key"][len(prefix):] for page in pages for obj in page.get("Contents", [])}
 
 
-def test_run_reads_data_from_s3_publishes_and_pulls(
+def test_run_reads_model_and_data_from_s3_publishes_and_pulls(
     capsys, tmp_path, monkeypatch, tiny_model, sample_path, s3_bucket, s3_client
 ):
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "work"))
     s3_client.upload_file(str(sample_path), s3_bucket, "data/rows.jsonl")
+    for path in tiny_model.iterdir():  # the base model itself comes from the bucket too
+        s3_client.upload_file(str(path), s3_bucket, f"models/tiny/{path.name}")
     output = f"s3://{s3_bucket}/runs"
     args = ["run", "--config", "gemma-2b-it-lora", "--output", output, "--run-id", "r1",
-            *_overrides(tiny_model, f"s3://{s3_bucket}/data/rows.jsonl", "training.max_steps=4",
-                        "training.save_steps=2")]
+            *_overrides(f"s3://{s3_bucket}/models/tiny", f"s3://{s3_bucket}/data/rows.jsonl",
+                        "training.max_steps=4", "training.save_steps=2")]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     keys = _keys(s3_client, s3_bucket, "runs/r1/")
