@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from job.config import JobConfig
-from job.run_folder import is_remote, open_run_folder
+from job.run_folder import open_run_folder
+from job.storage import is_remote
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from job.config import JobConfig
 from job.errors import ConfigError
+from job.storage import is_remote
 
 MANIFEST = "manifest.json"
 RUN_STATE = "run_state.json"
@@ -26,10 +27,6 @@ def config_hash(cfg: JobConfig) -> str:
 def new_run_id(cfg: JobConfig) -> str:
     """Sortable: UTC timestamp, then the config hash."""
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config_hash(cfg)}"
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
 
 
 def staging_root(cfg: JobConfig) -> Path:
