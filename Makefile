@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 IMAGE  ?= finetune-job:latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo bench docker-build docker-lint clean
+.PHONY: help install test lint demo bench docker-build clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -22,9 +22,6 @@ install: $(BIN)/.installed ## Create .venv: torch first (CPU build here), then t
 
 test: install ## Run the whole test suite (what CI runs)
 	$(BIN)/pytest -q
-
-test-fast: install ## Skip the slow end-to-end tests
-	$(BIN)/pytest -q -m "not slow"
 
 lint: install ## ruff, and hadolint on the Dockerfile
 	$(BIN)/ruff check job tests benchmarks infra
