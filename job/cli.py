@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -16,21 +15,6 @@ import click
 from job.errors import EXIT_UNEXPECTED, EXIT_USAGE, ConfigError, JobError
 
 DEFAULT_PRESET = "gemma-2b-it-qlora"
-log = logging.getLogger("job")
-
-
-def _config_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    @click.option(
-        "--config", "config_name", envvar="FINETUNE_CONFIG", default=DEFAULT_PRESET, show_default=True,
-        help="Preset name (see `finetune presets`) or path to a YAML file.",
-    )
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override a field, e.g. --set training.max_steps=100 (repeatable).")
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
-
-    return wrapper
 
 
 def _load(config_name: str, overrides: tuple[str, ...], output: str | None = None, run_id: str | None = None) -> Any:
@@ -41,6 +25,21 @@ def _load(config_name: str, overrides: tuple[str, ...], output: str | None = Non
     return load_config(config_name, [*overrides, *extra])
 
 
+def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
+
+
+_config_options = _with([
+    click.option("--config", "config_name", envvar="FINETUNE_CONFIG", default=DEFAULT_PRESET, show_default=True,
+                 help="Preset name (see `finetune presets`) or path to a YAML file."),
+    click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                 help="Override a field, e.g. --set training.max_steps=100 (repeatable)."),
+])
 _output_option = click.option("--output", help="Where runs go: a folder or s3://bucket/prefix (sets output.uri).")
 _run_options = [
     _output_option,
@@ -49,15 +48,6 @@ _run_options = [
                  help="auto: continue the newest unfinished run of this config from its newest complete checkpoint."),
     click.option("--overwrite", is_flag=True, help="Replace a finished run with the same run id."),
 ]
-
-
-def _with(options: list[Callable[..., Any]]) -> Callable[..., Any]:
-    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return apply
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

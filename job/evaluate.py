@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
 from job.errors import ConfigError, JobError
-
-log = logging.getLogger(__name__)
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

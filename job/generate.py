@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any
 
 from job.prompts import ChatFormatter
 from job.sql_extract import extract_sql
-
-log = logging.getLogger(__name__)
 
 
 def generate_predictions(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from datetime import datetime, timezone
@@ -11,8 +10,6 @@ from typing import Any
 from job.config import JobConfig
 from job.run_folder import open_run_folder
 from job.storage import is_remote
-
-log = logging.getLogger(__name__)
 
 
 def _now() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import Any
 
 from job.config import JobConfig
 from job.data import DataSplits, load_splits
+from job.errors import ConfigError
 from job.prompts import ChatFormatter
 
-log = logging.getLogger(__name__)
 N_EXAMPLES = 3
 
 
@@ -79,7 +78,10 @@ def prepare(cfg: JobConfig, tokenizer: Any, cache_dir: Path | None = None) -> Pr
     splits.train = kept_rows
     splits.reports["train"].kept = len(kept_rows)
     if not kept_rows:
-        raise_too_long(cfg, lengths["train"]["total"])
+        shortest = min(lengths["train"]["total"], default=0)
+        raise ConfigError(
+            f"training.max_seq_len {max_len}: every training row is longer (shortest has {shortest} tokens); raise it"
+        )
     stats = {
         "source": cfg.data.source,
         "eval_carved_from_train": splits.eval_carved,
@@ -91,16 +93,6 @@ def prepare(cfg: JobConfig, tokenizer: Any, cache_dir: Path | None = None) -> Pr
         "stop_token_ids": formatter.stop_ids,
     }
     return PreparedData(splits=splits, train_features=features, stats=stats, examples=examples)
-
-
-def raise_too_long(cfg: JobConfig, totals: list[int]) -> None:
-    from job.errors import ConfigError
-
-    shortest = min(totals) if totals else 0
-    raise ConfigError(
-        f"training.max_seq_len {cfg.training.max_seq_len}: every training row is longer "
-        f"(shortest has {shortest} tokens); raise it"
-    )
 
 
 def write_prepared(prepared: PreparedData, out_dir: Path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,8 +15,7 @@ from job.errors import ConfigError, PreemptedError
 from job.preemption import PreemptionFlag
 from job.prepare import PreparedData
 from job.run_folder import RunFolder
-
-log = logging.getLogger(__name__)
+from job.storage import is_remote
 
 
 class TokenCounter:
@@ -117,14 +116,15 @@ def uses_packing(cfg: JobConfig, model: Any) -> bool:
 
 
 def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> Any:
-    import os
-
     import torch
     from trl import SFTConfig
 
+    from job.model import compute_dtype
+
     t = cfg.training
     cuda = torch.cuda.is_available()
-    dtype = getattr(model, "dtype", torch.float32)
+    # The configured compute dtype, not the model's: k-bit preparation upcasts a QLoRA model's own params to fp32.
+    dtype = compute_dtype(cfg.model)
     packing = uses_packing(cfg, model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.sub("logs", "tensorboard"))  # read by transformers' callback
     return SFTConfig(
@@ -194,7 +194,7 @@ def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | Non
     local = latest_complete_checkpoint(str(run.path / "checkpoints"))
     remote = latest_complete_checkpoint(cfg.training.checkpoint_uri) if cfg.training.checkpoint_uri else None
     if remote and _step(remote) > _step(local):
-        if cfg.training.checkpoint_uri.startswith("s3://"):
+        if is_remote(cfg.training.checkpoint_uri):
             return str(fetch_checkpoint(remote, run.sub("checkpoints")))
         return remote
     return local
@@ -206,10 +206,10 @@ def train(
     """Train the configured method on the prepared rows; save the adapter, tokenizer and model card."""
     from trl import SFTTrainer
 
-    from job.model import load_base_model, peft_config, prepare_for_training
+    from job.model import is_quantized, load_base_model, peft_config, prepare_for_training
 
     base = load_base_model(cfg.model, model_path)
-    quantized = getattr(base, "hf_quantizer", None) is not None
+    quantized = is_quantized(base)
     base = prepare_for_training(base, cfg)
     args = sft_config(cfg, run, base, quantized)
     trainer = SFTTrainer(
