@@ -28,7 +28,7 @@ lint: install ## ruff, and hadolint on the Dockerfile
 	$(BIN)/hadolint docker/Dockerfile
 
 demo: install ## Fine-tune SmolLM2-135M-Instruct on shipped real rows on the CPU; base vs tuned report
-	$(BIN)/python -m job.demo_model models
+	$(BIN)/python -m job.train.demo_model models
 	$(BIN)/finetune run --config smollm2-135m-cpu-demo --output runs/demo
 
 bench: install ## Benchmarks against their baselines; writes BENCHMARKS.md (not part of CI)

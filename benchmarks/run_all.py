@@ -55,10 +55,10 @@ def quality(reuse: bool) -> dict[str, Any]:
 
 
 def _job_training(name: str, *overrides: str) -> dict[str, Any]:
-    from job.model import load_tokenizer, resolve_model_path
-    from job.prepare import prepare
-    from job.run_folder import open_run_folder
-    from job.train import train
+    from job.data.prepare import prepare
+    from job.storage.run_folder import open_run_folder
+    from job.train.model import load_tokenizer, resolve_model_path
+    from job.train.trainer import train
 
     cfg = _config(f"training.max_steps={TRAIN_STEPS}", f"output.uri={WORK / 'train'}", f"output.run_id={name}",
                   "training.save_steps=1000", "training.logging_steps=1", *overrides)
@@ -76,10 +76,10 @@ def _baseline_training() -> dict[str, Any]:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from job.model import load_base_model, load_tokenizer, resolve_model_path
-    from job.prepare import prepare
-    from job.prompts import ChatFormatter
-    from job.train import TokenCounter
+    from job.data.prepare import prepare
+    from job.data.prompts import ChatFormatter
+    from job.train.model import load_base_model, load_tokenizer, resolve_model_path
+    from job.train.trainer import TokenCounter
 
     cfg = _config()
     path = resolve_model_path(cfg.model.name)
@@ -121,9 +121,9 @@ def evaluation_speed(adapter: str) -> dict[str, Any]:
     """Rows/s of batched generation vs one row at a time, on the tuned demo model; outputs must be identical."""
     from peft import PeftModel
 
-    from job.data import load_splits
-    from job.generate import generate_predictions
-    from job.model import load_base_model, load_tokenizer, resolve_model_path
+    from job.data.sources import load_splits
+    from job.evaluation.generate import generate_predictions
+    from job.train.model import load_base_model, load_tokenizer, resolve_model_path
 
     cfg = _config()
     path = resolve_model_path(cfg.model.name)
@@ -165,8 +165,8 @@ def startup_and_data() -> dict[str, Any]:
 
     import datasets
 
-    from job.model import load_tokenizer, resolve_model_path
-    from job.prepare import prepare
+    from job.data.prepare import prepare
+    from job.train.model import load_tokenizer, resolve_model_path
 
     cfg = _config("data.max_eval_rows=1")
     tokenizer = load_tokenizer(cfg.model, resolve_model_path(cfg.model.name))
@@ -261,7 +261,7 @@ def main() -> None:
     """All phases; `--only training,startup` reruns those and keeps the others from runs/bench/results.json."""
     WORK.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    _run([sys.executable, "-m", "job.demo_model", "models"])
+    _run([sys.executable, "-m", "job.train.demo_model", "models"])
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--only=")), None)
     saved = WORK / "results.json"
     results = json.loads(saved.read_text()) if only and saved.is_file() else {}

@@ -7,6 +7,6 @@
 set -eu
 
 if [ "${1:-}" = "train" ]; then
-    exec python -m job.sagemaker
+    exec python -m job.platforms.sagemaker
 fi
 exec finetune "$@"

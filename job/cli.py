@@ -85,11 +85,11 @@ def presets() -> None:
               help="Folder for stats.json, examples.jsonl and eval_ids.json.")
 def prepare(config_name: str, overrides: tuple[str, ...], output: Path | None) -> None:
     """Load, validate, split and tokenize the data; print and save what was kept and dropped."""
-    from job.data import check_source
-    from job.model import load_tokenizer
-    from job.prepare import prepare as prepare_data
-    from job.prepare import summary, write_prepared
-    from job.run_folder import config_hash, staging_root
+    from job.data.prepare import prepare as prepare_data
+    from job.data.prepare import summary, write_prepared
+    from job.data.sources import check_source
+    from job.storage.run_folder import config_hash, staging_root
+    from job.train.model import load_tokenizer
 
     cfg = _load(config_name, overrides)
     check_source(cfg.data.source)
@@ -136,9 +136,9 @@ def evaluate(
     """Generate SQL for the held-out rows, execute it in a sandbox, and score it."""
     import tempfile
 
-    from job import storage
-    from job.evaluate import evaluate_models
-    from job.report import headline_line
+    from job.evaluation.evaluate import evaluate_models
+    from job.evaluation.report import headline_line
+    from job.storage import objects as storage
 
     if bool(adapter) == base_only:
         raise ConfigError("give exactly one of --adapter PATH_OR_URI and --base-only")
@@ -164,8 +164,8 @@ def score(
     config_name: str, overrides: tuple[str, ...], predictions: Path, output: Path | None, overwrite: bool
 ) -> None:
     """Score existing predictions against their dataset rows by executing both."""
-    from job.evaluate import score_file
-    from job.report import headline_line
+    from job.evaluation.evaluate import score_file
+    from job.evaluation.report import headline_line
 
     cfg = _load(config_name, overrides)
     if output:
@@ -175,7 +175,7 @@ def score(
 
 
 def _refuse_existing_results(output: str, overwrite: bool) -> None:
-    from job import storage
+    from job.storage import objects as storage
 
     if not overwrite and storage.exists(storage.join(output, "metrics.json")):
         raise ConfigError(f"--output {output} already holds results (metrics.json); pass --overwrite to replace them")
@@ -190,7 +190,7 @@ def artifacts() -> None:
 @click.argument("uri")
 def artifacts_ls(uri: str) -> None:
     """List the runs under URI (a folder or s3://bucket/prefix), complete or not."""
-    from job.artifacts import list_runs
+    from job.storage.artifacts import list_runs
 
     for run_info in list_runs(uri):
         state = run_info.get("status") or ("complete" if run_info.get("complete") else "incomplete")
@@ -205,7 +205,7 @@ def artifacts_ls(uri: str) -> None:
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
 def artifacts_pull(run_uri: str, dest: Path) -> None:
     """Download RUN_URI into DEST and verify every file against the manifest's sha256."""
-    from job.artifacts import pull_run
+    from job.storage.artifacts import pull_run
 
     click.echo(f"pulled and verified {pull_run(run_uri, dest)}")
 
@@ -215,7 +215,7 @@ def artifacts_pull(run_uri: str, dest: Path) -> None:
 @click.argument("dest_uri")
 def artifacts_push(run_dir: Path, dest_uri: str) -> None:
     """Publish a local run folder (with its manifest.json) to DEST_URI; retries a publish that failed."""
-    from job.publish import publish_run
+    from job.storage.publish import publish_run
 
     click.echo(f"published {publish_run(run_dir, dest_uri)}")
 

@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from job.errors import ConfigError
+from job.settings import PRESET_PACKAGE
 
-PRESET_PACKAGE = "job.configs"
 ENV_PREFIX = "FINETUNE_"
 
 

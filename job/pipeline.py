@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from job.config import JobConfig
-from job.run_folder import open_run_folder
-from job.storage import is_remote
+from job.storage.objects import is_remote
+from job.storage.run_folder import open_run_folder
 
 
 def _now() -> str:
@@ -25,18 +25,18 @@ def run_pipeline(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool
 
     SIGTERM during training saves a checkpoint first; anywhere else it stops at once; both exit with 75.
     """
-    from job.preemption import stop_on_sigterm
+    from job.train.preemption import stop_on_sigterm
 
     with stop_on_sigterm():
         return _run(cfg, resume=resume, overwrite=overwrite, evaluate=evaluate)
 
 
 def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dict[str, Any]:
-    from job.data import check_source
-    from job.model import load_tokenizer, resolve_model_path
-    from job.prepare import prepare, summary, write_prepared
-    from job.publish import build_manifest, publish_run
-    from job.train import train
+    from job.data.prepare import prepare, summary, write_prepared
+    from job.data.sources import check_source
+    from job.storage.publish import build_manifest, publish_run
+    from job.train.model import load_tokenizer, resolve_model_path
+    from job.train.trainer import train
 
     started = _now()
     check_source(cfg.data.source)
@@ -64,9 +64,9 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
 
     metrics = None
     if evaluate:
-        from job.evaluate import evaluate_models
-        from job.model_card import add_results
-        from job.report import headline_markdown
+        from job.evaluation.evaluate import evaluate_models
+        from job.evaluation.report import headline_markdown
+        from job.train.model_card import add_results
 
         metrics = evaluate_models(
             cfg, run.sub("eval"), adapter=result.adapter_dir, compare_base=cfg.evaluation.compare_base,
@@ -80,7 +80,7 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
     location = publish_run(run.path, destination, manifest, replace=overwrite)
     _say(f"published {location}")
     if metrics:
-        from job.report import headline_line
+        from job.evaluation.report import headline_line
 
         for label, values in metrics.items():
             if label in ("base", "tuned"):

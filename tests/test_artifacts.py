@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from s3_fixtures import make_run_folder
 
-from job import storage
-from job.artifacts import list_runs, pull_run
 from job.errors import JobError, MissingInputError
-from job.publish import MANIFEST, build_manifest, publish_run
+from job.storage import objects as storage
+from job.storage.artifacts import list_runs, pull_run
+from job.storage.publish import MANIFEST, build_manifest, publish_run
 
 
 def _publish(root: Path, dest_root: str, run_id: str, **manifest: Any) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from s3_fixtures import CuttableProxy, use_endpoint
 
-from job import checkpoint_sync, storage
-from job.checkpoint_sync import SNAPSHOT_DIR, TRAINER_STATE, fetch_checkpoint, latest_complete_checkpoint
 from job.errors import JobError, MissingInputError
+from job.storage import objects as storage
+from job.train import checkpoints as checkpoint_sync
+from job.train.checkpoints import SNAPSHOT_DIR, TRAINER_STATE, fetch_checkpoint, latest_complete_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _layout(root: Path) -> Path:
 
 
 def test_module_import_does_not_import_transformers() -> None:
-    code = "import sys, job.checkpoint_sync; assert not {'transformers', 'torch'} & set(sys.modules)"
+    code = "import sys, job.train.checkpoints; assert not {'transformers', 'torch'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

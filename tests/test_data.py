@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from job.config import load_config
-from job.data import load_splits
+from job.data.prepare import prepare, summary, write_prepared
+from job.data.sources import load_splits
 from job.errors import ConfigError
-from job.prepare import prepare, summary, write_prepared
 
 
 def _rows(sample_path, n=None):

@@ -7,7 +7,7 @@ import json
 from cli_runner import run_cli, sets
 
 from job.config import load_config
-from job.data import load_splits
+from job.data.sources import load_splits
 
 EVAL_ROWS = ["data.max_eval_rows=6", "evaluation.max_new_tokens=8", "evaluation.batch_size=3"]
 

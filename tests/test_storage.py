@@ -1,4 +1,4 @@
-"""job.storage against a real S3 HTTP server on 127.0.0.1 (moto), and against local folders."""
+"""job.storage.objects against a real S3 HTTP server on 127.0.0.1 (moto), and against local folders."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from moto.core.authorization import enable_iam_authentication
 from s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, use_endpoint
 
-from job import storage
 from job.errors import ConfigError, MissingInputError
+from job.storage import objects as storage
 
 MiB = 1024 * 1024
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from job.config import load_config
+from job.data.prepare import prepare
 from job.errors import EXIT_PREEMPTED
-from job.model import load_tokenizer, resolve_model_path
-from job.prepare import prepare
-from job.run_folder import open_run_folder
-from job.train import read_train_log, train
+from job.storage.run_folder import open_run_folder
+from job.train.model import load_tokenizer, resolve_model_path
+from job.train.trainer import read_train_log, train
 
 REPEATED = [
     "data.max_train_rows=4", "data.max_eval_rows=4", "training.per_device_batch_size=4",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from job.settings import shipped_sample
+
 # Gemma's chat template, as shipped with google/gemma-2b-it: no system role, `model` as the assistant's name.
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -20,7 +22,7 @@ CHATML_TEMPLATE = (
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>"]
-SAMPLE = Path(__file__).resolve().parents[1] / "job" / "data" / "gretel_train_sample.jsonl"
+SAMPLE = shipped_sample()
 
 
 def build_tokenizer(template: str = GEMMA_TEMPLATE, vocab_size: int = 600):

@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from job import storage
 from job.errors import JobError, MissingInputError
+from job.storage import objects as storage
 
 logger = logging.getLogger(__name__)
 

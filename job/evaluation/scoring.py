@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from job.errors import JobError
-from job.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
-from job.sql_extract import extract_sql
+from job.evaluation.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
+from job.evaluation.sql_extract import extract_sql
 
 HEADLINE_METRICS = (
     "execution_accuracy",

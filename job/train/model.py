@@ -10,13 +10,9 @@ from typing import Any
 
 from job.config import JobConfig, MethodConfig, ModelConfig
 from job.errors import ConfigError, MissingInputError
+from job.settings import cache_root
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """Where converted models and downloaded inputs are cached (`FINETUNE_CACHE_DIR`, else ~/.cache/finetune)."""
-    return Path(os.environ.get("FINETUNE_CACHE_DIR") or Path.home() / ".cache" / "finetune")
 
 
 def _converted_gguf(gguf: Path) -> Path:
@@ -55,14 +51,14 @@ def _converted_gguf(gguf: Path) -> Path:
 def resolve_model_path(name: str) -> str:
     """A local directory or a Hub id that `from_pretrained` can load."""
     if name.startswith("s3://"):
-        from job.storage import fetch_to_cache
+        from job.storage.objects import fetch_to_cache
 
         fetched = fetch_to_cache(name, cache_root() / "models")
         return str(_converted_gguf(fetched) if fetched.suffix == ".gguf" else fetched)
     path = Path(name.removeprefix("file://")).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            hint = " (fetch the demo model with: python -m job.demo_model)" if "SmolLM2" in path.name else ""
+            hint = " (fetch the demo model with: python -m job.train.demo_model)" if "SmolLM2" in path.name else ""
             raise ConfigError(f"model.name {name}: no such .gguf file{hint}")
         return str(_converted_gguf(path))
     if path.exists():

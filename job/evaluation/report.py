@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from job.scoring import HEADLINE_METRICS, compare_metrics
+from job.evaluation.scoring import HEADLINE_METRICS, compare_metrics
 
 _LABELS = {
     "execution_accuracy": "Execution accuracy",

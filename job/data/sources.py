@@ -79,7 +79,7 @@ def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:
 
     check_source(source)
     if source.startswith("s3://"):
-        from job.storage import fetch_to_cache
+        from job.storage.objects import fetch_to_cache
 
         source = str(fetch_to_cache(source, (cache_dir or Path.home() / ".cache" / "finetune") / "data"))
     path = Path(source.removeprefix("file://")).expanduser()

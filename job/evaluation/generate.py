@@ -6,8 +6,8 @@ import sys
 import time
 from typing import Any
 
-from job.prompts import ChatFormatter
-from job.sql_extract import extract_sql
+from job.data.prompts import ChatFormatter
+from job.evaluation.sql_extract import extract_sql
 
 
 def generate_predictions(

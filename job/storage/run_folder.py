@@ -12,10 +12,8 @@ from pathlib import Path
 
 from job.config import JobConfig
 from job.errors import ConfigError
-from job.storage import is_remote
-
-MANIFEST = "manifest.json"
-RUN_STATE = "run_state.json"
+from job.settings import CONFIG_FILE, MANIFEST, cache_root
+from job.storage.objects import is_remote
 
 
 def config_hash(cfg: JobConfig) -> str:
@@ -33,8 +31,6 @@ def staging_root(cfg: JobConfig) -> Path:
     """Local parent of run folders: output.uri itself when local, else a work folder (FINETUNE_WORK_DIR)."""
     if not is_remote(cfg.output.uri):
         return Path(cfg.output.uri.removeprefix("file://")).expanduser()
-    from job.model import cache_root
-
     return Path(os.environ.get("FINETUNE_WORK_DIR") or cache_root() / "runs")
 
 
@@ -52,7 +48,7 @@ class RunFolder:
         """The resolved config, run id included; it holds no secrets (those come from the environment)."""
         resolved = cfg.model_copy(deep=True)
         resolved.output.run_id = self.run_id
-        (self.path / "config.yaml").write_text(resolved.to_yaml())
+        (self.path / CONFIG_FILE).write_text(resolved.to_yaml())
 
     def sub(self, *parts: str) -> Path:
         target = self.path.joinpath(*parts)
@@ -68,7 +64,7 @@ def _latest_unfinished(root: Path, cfg: JobConfig) -> str | None:
         candidates |= {p.name for p in root.iterdir() if p.is_dir() and p.name.endswith(suffix)}
         candidates -= {name for name in candidates if (root / name / MANIFEST).exists()}
     if is_remote(cfg.output.uri):
-        from job.artifacts import list_runs
+        from job.storage.artifacts import list_runs
 
         remote = list_runs(cfg.output.uri)
         candidates |= {r["run_id"] for r in remote if r["run_id"].endswith(suffix) and not r["complete"]}
@@ -79,7 +75,7 @@ def _latest_unfinished(root: Path, cfg: JobConfig) -> str | None:
 def _published_remotely(cfg: JobConfig, run_id: str) -> bool:
     if not is_remote(cfg.output.uri):
         return False
-    from job import storage
+    from job.storage import objects as storage
 
     return storage.exists(storage.join(cfg.output.uri, run_id, MANIFEST))
 

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from job import storage
 from job.errors import JobError, MissingInputError
-from job.publish import MANIFEST, read_manifest, same_run
+from job.storage import objects as storage
+from job.storage.publish import MANIFEST, read_manifest, same_run
 
 logger = logging.getLogger(__name__)
 

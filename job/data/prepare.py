@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.data import DataSplits, load_splits
+from job.data.prompts import ChatFormatter
+from job.data.sources import DataSplits, load_splits
 from job.errors import ConfigError
-from job.prompts import ChatFormatter
 
 N_EXAMPLES = 3
 

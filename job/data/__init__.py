@@ -1,0 +1,1 @@
+"""The data stage: sources, splits, chat-template prompts and tokenized training rows."""

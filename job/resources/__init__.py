@@ -1,0 +1,1 @@
+"""Package data: presets and the shipped sample rows."""
