@@ -37,5 +37,23 @@ bench: install ## Benchmarks against their baselines; writes BENCHMARKS.md (not 
 docker-build: ## Build the CUDA image (needs a Docker engine)
 	docker build -f docker/Dockerfile -t $(IMAGE) .
 
+# GPU check (docs/gpu.md): the kit carries what an offline CUDA image lacks; gpu-check runs there.
+KIT        ?= .gpu-kit
+GPU_CUDA   ?= 130
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels: install ## Offline kit in .gpu-kit/: wheels a CUDA image lacks (benchmarks/gpu_wheels.txt), demo tokenizer
+	rm -rf $(KIT)/wheels $(KIT)/site
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(WHEEL_PLATFORMS) -d $(KIT)/wheels -r benchmarks/gpu_wheels.txt
+	$(BIN)/python benchmarks/gpu_kit.py $(KIT) --cuda $(GPU_CUDA)
+
+gpu-check: ## On a CUDA GPU (about 8 min): the job vs plain trl; writes runs/gpu-check/gpu.json, BENCHMARKS.md section
+	if [ -f $(KIT)/install.sh ] && [ ! -d $(KIT)/site ]; then PYTHON=$(GPU_PYTHON) sh $(KIT)/install.sh; fi
+	PYTHONPATH=$(CURDIR)/$(KIT)/site:$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py --out runs/gpu-check \
+		--benchmarks BENCHMARKS.md $(GPU_CHECK_ARGS)
+
 clean: ## Remove caches (not runs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

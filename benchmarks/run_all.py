@@ -274,7 +274,12 @@ def main() -> None:
     if not only or "startup" in only:
         results["startup"] = startup_and_data()
     saved.write_text(json.dumps(results, indent=2))
+    previous = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").is_file() else ""
     write_markdown(results["quality"], results["training"], results["eval"], results["startup"], ROOT / "BENCHMARKS.md")
+    from gpu_check import kept_section, splice_section  # the GPU figures come from `make gpu-check`: keep them
+
+    if gpu_section := kept_section(previous):
+        splice_section(gpu_section, ROOT / "BENCHMARKS.md")
     print((ROOT / "BENCHMARKS.md").read_text())
 
 

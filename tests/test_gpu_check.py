@@ -128,3 +128,26 @@ def test_section_is_spliced_into_benchmarks_and_replaced_not_duplicated(tmp_path
     assert "GPU check: two" in text and "GPU check: one" not in text
     assert gpu_check.kept_section(text).strip() == section.replace("one", "two").strip()
     assert gpu_check.kept_section("# Benchmarks\n") is None
+
+
+def test_kit_keeps_only_the_target_cuda_library_of_bitsandbytes(tmp_path):
+    import zipfile
+
+    import gpu_kit
+
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    names = ["bitsandbytes/__init__.py", *(f"bitsandbytes/libbitsandbytes_{x}.so" for x in (
+        "cpu", "cuda126", "cuda130", "rocm72"))]
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for name in names:
+            archive.writestr(name, b"x" * 1000)
+        archive.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "\n".join(f"{n},sha256=a,1000" for n in names))
+    before, after = gpu_kit.slim_bitsandbytes(wheel, {"130"})
+    assert after < before
+    with zipfile.ZipFile(wheel) as archive:
+        kept = set(archive.namelist())
+        record = archive.read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
+    assert kept == {names[0], names[1], names[3], "bitsandbytes-0.50.2.dist-info/RECORD"}
+    assert "cuda126" not in record and "rocm72" not in record and "cuda130" in record
+    with pytest.raises(SystemExit, match="no library for CUDA"):
+        gpu_kit.slim_bitsandbytes(wheel, {"118"})
