@@ -328,22 +328,29 @@ def _nvidia_smi(query: str) -> str | None:
 
 
 def _unmet_requirements() -> list[str]:
-    """The job's dependencies (pyproject.toml) that this interpreter lacks or has at a version outside the range."""
+    """What `pip check` would say about the job's dependencies (pyproject.toml) and their own direct requirements:
+    each one this interpreter lacks or has at a version outside the range. An offline kit can only be checked here.
+    """
     import tomllib  # Python 3.11+; the GPU images run 3.12
     from packaging.requirements import Requirement
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [(Requirement(spec), "finetune-job") for spec in
+              tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    for req, _ in list(wanted):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            wanted += [(Requirement(spec), req.name) for spec in metadata.requires(req.name) or []]
     unmet = []
-    for spec in project["dependencies"]:
-        req = Requirement(spec)
+    for req, by in wanted:
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
         try:
             have = metadata.version(req.name)
         except metadata.PackageNotFoundError:
-            unmet.append(f"{spec} (missing)")
+            unmet.append(f"{req} for {by} (missing)")
             continue
         if not req.specifier.contains(have, prereleases=True):
-            unmet.append(f"{spec} (have {have})")
-    return unmet
+            unmet.append(f"{req} for {by} (have {have})")
+    return sorted(set(unmet))
 
 
 def part_model(ctx: Context) -> dict[str, Any]:
@@ -785,7 +792,13 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
             *rows,
         ]
+    leftovers = [(n, (ok(n) or {}).get("memory_allocated_at_start") or 0) for n in parts]
+    leftovers = [(n, b) for n, b in leftovers if b > 2**28]
+    if leftovers:
+        lines += ["", "Memory still allocated when a part started (included in its peak): "
+                  + ", ".join(f"{n} {_gib(b)}" for n, b in leftovers) + "."]
     gen = ok("generation")
+    lines += _goals(ok("qlora_job"), base, gen)
     if gen:
         lines += [
             "", "### Generation: the job's batched evaluation vs one row at a time", "",
@@ -819,6 +832,27 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{n}`: {e.get('error') or e.get('reason')}" for n, e in failures]
     lines += ["", MARK_END, ""]
     return "\n".join(lines)
+
+
+def _goals(job: dict[str, Any] | None, trl: dict[str, Any] | None, gen: dict[str, Any] | None) -> list[str]:
+    """The targets set for a GPU run, each with what was measured and whether it was met."""
+    rows = []  # (goal, measured, met)
+    if job and trl:
+        speed = job["real_tokens_per_s"] / trl["real_tokens_per_s"]
+        rows.append(("job vs plain trl: real tokens/s >= 1.5x", f"{speed:.2f}x", speed >= 1.5))
+        if job["peak_memory_bytes"] and trl["peak_memory_bytes"]:
+            memory = job["peak_memory_bytes"] / trl["peak_memory_bytes"]
+            rows.append(("job vs plain trl: peak memory <= 0.6x", f"{memory:.2f}x", memory <= 0.6))
+    if job and job.get("mfu") is not None:
+        rows.append(("job MFU 35-40% (HF + FlashAttention QLoRA: ~20%)", f"{job['mfu']:.1%}", job["mfu"] >= 0.35))
+    if gen:
+        rows.append(("batched generation >= 10x one at a time, same predictions",
+                     f"{gen['speedup']:.1f}x, {gen['identical']}/{gen['rows']} identical",
+                     gen["speedup"] >= 10 and gen["identical"] == gen["rows"]))
+    if not rows:
+        return []
+    return ["", "### Against the goals", "", "| goal | measured | met |", "|---|---|---|",
+            *(f"| {goal} | {measured} | {'yes' if met else 'no'} |" for goal, measured, met in rows)]
 
 
 def _status(parts: dict[str, Any], name: str) -> str:
