@@ -27,17 +27,27 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from gpu_measure import (
+    PartFailed,
+    PeakMemory,
+    StepClock,
+    bf16_peak_tflops,
+    model_flops_per_token,
+    observe_trainers,
+    synchronized_now,
+)
+from gpu_report import markdown, splice_section
+
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / ".gpu-kit"
 DEMO_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-MARK_BEGIN, MARK_END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 EPOCH_ROWS = 100_000
 """Rows in gretelai/synthetic_text_to_sql's train split: one epoch of the real run."""
 
@@ -58,14 +68,6 @@ SUBPROCESS_MODEL = {  # the `finetune` subprocesses (torchrun, SIGTERM): small s
     "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
     "head_dim": 64, "intermediate_size": 1024,
 }
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. First match of the device name
-# wins, so the more specific names come first ("GH200" before "H200", "H100 PCIe" before "H100").
-BF16_PEAK_TFLOPS = [
-    ("GH200", 989.4), ("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.05), ("L4", 121.0),
-]
-
 
 @dataclass
 class Plan:
@@ -97,164 +99,6 @@ CPU_PLAN = Plan(
     generation_rows=4, generation_max_new_tokens=8, subprocess_model=TINY,
     subprocess_preset="gemma-2b-it-lora", preemption_steps=5, budget_s=None,  # bitsandbytes is slow on a CPU
 )
-
-
-class PartFailed(RuntimeError):
-    """A part's own check did not hold (e.g. a subprocess exited with the wrong code)."""
-
-
-# ---------------------------------------------------------------------------------------------------- measuring
-
-
-class StepClock:
-    """Per-step wall times and real (non-padding) tokens of every micro-batch, for any transformers Trainer.
-
-    Installed through transformers' DEFAULT_CALLBACKS while a part runs (see `observe_trainers`), so the job's own
-    trainer is observed without changing it. Real tokens: the attention mask's sum, or every token of a
-    padding-free batch (which has no mask and no padding).
-    """
-
-    def __init__(self) -> None:
-        self.step_end_times: list[float] = []
-        self.batch_tokens: list[int] = []
-        self.batch_shapes: list[int] = []
-        """Tokens the model processed per micro-batch, padding included."""
-        self.settings: dict[str, Any] = {}
-        self.start = 0.0
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class _Clock(TrainerCallback):
-            def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-                clock.settings = _trainer_settings(args, model)
-                if train_dataloader is not None:  # accelerate's DataLoaderShard iterates the loader it wraps
-                    loader = getattr(train_dataloader, "base_dataloader", train_dataloader)
-                    collate = loader.collate_fn
-
-                    def counting(examples: list[dict[str, Any]]) -> dict[str, Any]:
-                        batch = collate(examples)
-                        mask = batch.get("attention_mask")
-                        clock.batch_tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
-                        clock.batch_shapes.append(batch["input_ids"].numel())
-                        return batch
-
-                    loader.collate_fn = counting
-                clock.start = _synchronized_now()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                clock.step_end_times.append(_synchronized_now())
-
-        return _Clock()
-
-    def steady(self, warmup_steps: int, accumulation: int) -> dict[str, Any]:
-        """Real tokens and seconds of the steps after the warmup ones."""
-        steps = len(self.step_end_times)
-        if steps <= warmup_steps:
-            raise PartFailed(f"only {steps} optimizer steps ran; need more than the {warmup_steps} warmup steps")
-        seconds = self.step_end_times[-1] - self.step_end_times[warmup_steps - 1] if warmup_steps else (
-            self.step_end_times[-1] - self.start)
-        window = slice(warmup_steps * accumulation, steps * accumulation)
-        tokens = sum(self.batch_tokens[window])
-        return {"timed_steps": steps - warmup_steps, "timed_real_tokens": tokens, "timed_seconds": seconds,
-                "real_tokens_per_s": tokens / seconds, "non_padding_share": tokens / sum(self.batch_shapes[window]),
-                "all_real_tokens": sum(self.batch_tokens[: steps * accumulation])}
-
-
-def _synchronized_now() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.monotonic()
-
-
-def _trainer_settings(args: Any, model: Any) -> dict[str, Any]:
-    """What the trainer actually ran with: the figures' conditions, read from its arguments and model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quant = getattr(getattr(base, "config", None), "quantization_config", None)
-    quant_dict = quant.to_dict() if hasattr(quant, "to_dict") else quant
-    return {
-        "optim": str(getattr(args.optim, "value", args.optim)),
-        "bf16": bool(args.bf16), "fp16": bool(args.fp16),
-        "gradient_checkpointing": bool(args.gradient_checkpointing or getattr(args, "activation_checkpointing", False)),
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "packing": getattr(args, "packing", None), "padding_free": getattr(args, "padding_free", None),
-        "max_length": getattr(args, "max_length", None),
-        "attn_implementation": getattr(getattr(base, "config", None), "_attn_implementation", None),
-        "load_in_4bit": bool(getattr(base, "is_loaded_in_4bit", False)),
-        "bnb_4bit_quant_type": (quant_dict or {}).get("bnb_4bit_quant_type") if quant_dict else None,
-        "bnb_4bit_use_double_quant": (quant_dict or {}).get("bnb_4bit_use_double_quant") if quant_dict else None,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-
-
-@contextlib.contextmanager
-def observe_trainers() -> Iterator[StepClock]:
-    """Every transformers Trainer created inside gets a StepClock callback (restored afterwards)."""
-    import transformers.trainer as hf_trainer
-
-    clock = StepClock()
-    saved = hf_trainer.DEFAULT_CALLBACKS
-    hf_trainer.DEFAULT_CALLBACKS = [*saved, clock.callback()]
-    try:
-        yield clock
-    finally:
-        hf_trainer.DEFAULT_CALLBACKS = saved
-
-
-class PeakMemory:
-    """Peak memory of one part: `torch.cuda.max_memory_allocated` on a GPU, else the process's peak RSS (Linux)."""
-
-    def __enter__(self) -> PeakMemory:
-        import torch
-
-        gc.collect()
-        self.cuda = torch.cuda.is_available()
-        self.kind = "cuda_max_memory_allocated" if self.cuda else "cpu_peak_rss"
-        self.at_start = None
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.at_start = torch.cuda.memory_allocated()
-        else:
-            with contextlib.suppress(OSError):
-                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
-        self.peak: int | None = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            status = Path("/proc/self/status")
-            line = next((x for x in status.read_text().splitlines() if x.startswith("VmHWM:")), None) if (
-                status.is_file()) else None
-            self.peak = int(line.split()[1]) * 1024 if line else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"peak_memory_bytes": self.peak, "memory_kind": self.kind, "memory_allocated_at_start": self.at_start}
-
-
-def model_flops_per_token(n_params: int, dims: dict[str, int], mean_context: float) -> float:
-    """Training FLOPs per token: 6·N + 12·L·(heads·head_dim)·s (PaLM, Chowdhery et al. 2022, appendix B).
-
-    6·N counts forward and backward through every weight as for full fine-tuning (N: all base parameters; the tied
-    embedding counts once, as the LM head's matmul). With the base frozen, LoRA needs no weight gradients (~4·N),
-    but gradient checkpointing recomputes the forward (+2·N), so 6·N is also close to what the GPU executes.
-    s is the attended context: Σ len² / Σ len over the trained rows (non-causal count, as in PaLM).
-    """
-    attention = 12 * dims["num_hidden_layers"] * dims["num_attention_heads"] * dims["head_dim"] * mean_context
-    return 6 * n_params + attention
-
-
-def bf16_peak_tflops(device_name: str) -> float | None:
-    return next((peak for key, peak in BF16_PEAK_TFLOPS if key.lower() in device_name.lower()), None)
 
 
 # ------------------------------------------------------------------------------------------------------- parts
@@ -521,10 +365,10 @@ def part_generation(ctx: Context) -> dict[str, Any]:
         generate_predictions(model, tokenizer, rows[:2], batch_size=2, max_new_tokens=4, label="warmup")
         outputs, figures = {}, {}
         for name, batch_size in (("batched", cfg.evaluation.batch_size), ("one_at_a_time", 1)):
-            started = _synchronized_now()
+            started = synchronized_now()
             outputs[name] = generate_predictions(model, tokenizer, rows, batch_size=batch_size,
                                                  max_new_tokens=new_tokens, label=name)
-            seconds = _synchronized_now() - started
+            seconds = synchronized_now() - started
             figures[name] = {"batch_size": batch_size, "seconds": seconds, "rows_per_s": len(rows) / seconds,
                              "new_tokens": sum(p["n_new_tokens"] for p in outputs[name])}
         del model
@@ -594,14 +438,16 @@ def part_preemption(ctx: Context) -> dict[str, Any]:
     out, steps = ctx.work / "preemption", ctx.plan.preemption_steps
     env = _child_env(ctx)
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "job", *_finetune_cmd(ctx, out, steps)], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and len(read_train_log(out / "r1")) < 2:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    code = process.wait(timeout=180)
-    stderr = process.stderr.read()
+    log, train_log = ctx.work / "preemption.stderr", out / "r1" / "logs" / "train_log.jsonl"
+    with log.open("w") as stderr_file:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        process = subprocess.Popen([sys.executable, "-m", "job", *_finetune_cmd(ctx, out, steps)], cwd=ROOT,
+                                   env=env, stdout=subprocess.DEVNULL, stderr=stderr_file)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None and _complete_lines(train_log) < 2:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=180)
+    stderr = log.read_text()
     if code != EXIT_PREEMPTED:
         raise PartFailed(f"after SIGTERM `finetune train` exited {code}, expected {EXIT_PREEMPTED}: {_tail(stderr)}")
     checkpoints = sorted((out / "r1" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -619,6 +465,14 @@ def part_preemption(ctx: Context) -> dict[str, Any]:
     return {"exit_code_after_sigterm": code, "stopped_at_step": stopped_at, "max_steps": steps,
             "resumed_exit_code": 0, "steps_logged_once_each": True, "preempted_run_s": preempted_s,
             "resume_s": time.monotonic() - started - preempted_s, "traceback_printed": "Traceback" in stderr}
+
+
+def _complete_lines(path: Path) -> int:
+    """Lines of `path` already ended by a newline (a line being written is not counted); 0 before it exists."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
 
 
 def part_epoch_estimate(ctx: Context) -> dict[str, Any]:
@@ -710,173 +564,6 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- markdown
-
-
-def _gib(n: int | None) -> str:
-    return "n/a" if not n else f"{n / 2**30:.2f} GiB"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
-TRAINING_ROWS = [
-    ("qlora_trl_defaults", "plain trl `SFTTrainer` defaults (baseline)"),
-    ("qlora_job", "this job, defaults (`gemma-2b-it-qlora`)"),
-    ("qlora_job_packed", "this job, `training.packing=true` (padding-free)"),
-    ("lora_job", "this job, LoRA on the bf16 base (`gemma-2b-it-lora`)"),
-]
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The BENCHMARKS.md section: what ran where, the figures against trl's defaults, and every failure."""
-    parts = report["parts"]
-
-    def ok(name: str) -> dict[str, Any] | None:
-        entry = parts.get(name) or {}
-        return entry.get("result") if entry.get("status") == "ok" else None
-
-    env = ok("environment") or {}
-    where = env.get("gpu") or f"CPU only ({env.get('cpu_count')} cores)"
-    versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
-    lines = [
-        MARK_BEGIN,
-        f"## GPU check: {where}, {report['started_at'][:10]}" + (" (CPU smoke: code paths, not figures)"
-                                                                if report["mode"] == "cpu-smoke" else ""),
-        "",
-        f"`{report['command']}` ({report['mode']} plan), {report.get('wall_s', 0) / 60:.1f} min in all. "
-        f"CUDA {env.get('cuda')}, driver {env.get('driver')}, Python {env.get('python')}, {versions}.",
-    ]
-    model = ok("model")
-    if model:
-        dims = model["dims"]
-        lines += ["", f"Model: Gemma architecture with random weights, {model['parameters'] / 1e9:.3f} B parameters "
-                  f"(hidden {dims['hidden_size']}, {dims['num_hidden_layers']} layers, {dims['num_attention_heads']} "
-                  f"heads, {dims['num_key_value_heads']} KV head, head_dim {dims['head_dim']}, intermediate "
-                  f"{dims['intermediate_size']}, vocabulary {dims['vocab_size']}); rows: the shipped real gretel "
-                  f"rows, tokenized with the demo (SmolLM2) tokenizer."]
-    base = ok("qlora_trl_defaults")
-    rows = []
-    for name, label in TRAINING_ROWS:
-        r = ok(name)
-        if not r:
-            rows.append(f"| {label} | {parts.get(name, {}).get('status', 'not run')} | | | | | | |")
-            continue
-        s = r["settings"]
-        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "n/a"
-        share = f"{r['non_padding_share']:.0%}" if r.get("non_padding_share") else "n/a"
-        speed, memory = r["real_tokens_per_s"], r["peak_memory_bytes"]
-        weights = f"4-bit {s['bnb_4bit_quant_type']}" if s["load_in_4bit"] else "16/32-bit base"
-        rows.append(
-            f"| {label} | {speed:,.0f} | {_ratio(speed, base and base['real_tokens_per_s'])} "
-            f"| {_gib(memory)} | {_ratio(memory, base and base['peak_memory_bytes'])} "
-            f"| {mfu} | {share} | {s['optim']}, {weights}"
-            f", batch {s['per_device_train_batch_size']}x{s['gradient_accumulation_steps']}, "
-            f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['attn_implementation']} |"
-        )
-    any_training = next((ok(n) for n, _ in TRAINING_ROWS if ok(n)), None)
-    if any_training:
-        lines += [
-            "", "### Training (QLoRA unless noted), same model and rows, in the same run", "",
-            f"{any_training['warmup_steps']} warmup steps, then {any_training['timed_steps']} timed optimizer steps "
-            "each. Real tokens: non-padding tokens trained on. Peak memory: "
-            f"`{any_training['memory_kind']}` over the part (model load included). MFU = real tokens/s x "
-            f"(6·N + 12·L·heads·head_dim·s) / bf16 dense peak ({env.get('bf16_peak_tflops')} TFLOP/s, "
-            f"{env.get('bf16_peak_source')}); s = Σlen²/Σlen = {any_training['mean_context']:.0f} tokens.",
-            "",
-            "| | real tokens/s | vs trl | peak memory | vs trl | MFU | non-padding | settings |",
-            "|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    leftovers = [(n, (ok(n) or {}).get("memory_allocated_at_start") or 0) for n in parts]
-    leftovers = [(n, b) for n, b in leftovers if b > 2**28]
-    if leftovers:
-        lines += ["", "Memory still allocated when a part started (included in its peak): "
-                  + ", ".join(f"{n} {_gib(b)}" for n, b in leftovers) + "."]
-    gen = ok("generation")
-    lines += _goals(ok("qlora_job"), base, gen)
-    if gen:
-        lines += [
-            "", "### Generation: the job's batched evaluation vs one row at a time", "",
-            f"{gen['rows']} held-out rows, greedy, max_new_tokens {gen['max_new_tokens']}, 4-bit base. Identical "
-            f"predictions: {gen['identical']} of {gen['rows']}"
-            + (f" (the others first differ at characters {gen['first_difference_chars']})"
-               if gen["first_difference_chars"] else "") + ". " + gen["note"] + ".",
-            "",
-            "| | rows/s | new tokens |", "|---|---|---|",
-            f"| one at a time | {gen['one_at_a_time']['rows_per_s']:.2f} | {gen['one_at_a_time']['new_tokens']} |",
-            f"| batched (batch {gen['batched']['batch_size']}) | {gen['batched']['rows_per_s']:.2f} | "
-            f"{gen['batched']['new_tokens']} |",
-            f"| ratio | {gen['speedup']:.1f}x | |",
-        ]
-    lines += ["", "### Subprocess checks", ""]
-    torchrun, pre = ok("torchrun"), ok("preemption")
-    lines.append("- 1-process `torchrun` `finetune train`, 2 steps: "
-                 + (f"exit 0, adapter saved ({torchrun['wall_s']:.0f} s)" if torchrun else _status(parts, "torchrun")))
-    lines.append("- SIGTERM during `finetune train`: "
-                 + (f"exit {pre['exit_code_after_sigterm']} with checkpoint-{pre['stopped_at_step']}; "
-                    f"`--resume auto` finished all {pre['max_steps']} steps, each logged once"
-                    if pre else _status(parts, "preemption")))
-    estimate = ok("epoch_estimate")
-    if estimate:
-        per = ", ".join(f"{n} {_minutes(s)}" for n, s in estimate["seconds"].items())
-        lines += ["", f"### One epoch of {estimate['rows']:,} training rows (estimate)", "",
-                  f"{per} ({estimate['basis']}; mean row {estimate['mean_row_tokens']:.0f} tokens)."]
-    failures = [(n, e) for n, e in parts.items() if e.get("status") != "ok"]
-    if failures:
-        lines += ["", "### Parts that did not run to the end", ""]
-        lines += [f"- `{n}`: {e.get('error') or e.get('reason')}" for n, e in failures]
-    lines += ["", MARK_END, ""]
-    return "\n".join(lines)
-
-
-def _goals(job: dict[str, Any] | None, trl: dict[str, Any] | None, gen: dict[str, Any] | None) -> list[str]:
-    """The targets set for a GPU run, each with what was measured and whether it was met."""
-    rows = []  # (goal, measured, met)
-    if job and trl:
-        speed = job["real_tokens_per_s"] / trl["real_tokens_per_s"]
-        rows.append(("job vs plain trl: real tokens/s >= 1.5x", f"{speed:.2f}x", speed >= 1.5))
-        if job["peak_memory_bytes"] and trl["peak_memory_bytes"]:
-            memory = job["peak_memory_bytes"] / trl["peak_memory_bytes"]
-            rows.append(("job vs plain trl: peak memory <= 0.6x", f"{memory:.2f}x", memory <= 0.6))
-    if job and job.get("mfu") is not None:
-        rows.append(("job MFU 35-40% (HF + FlashAttention QLoRA: ~20%)", f"{job['mfu']:.1%}", job["mfu"] >= 0.35))
-    if gen:
-        rows.append(("batched generation >= 10x one at a time, same predictions",
-                     f"{gen['speedup']:.1f}x, {gen['identical']}/{gen['rows']} identical",
-                     gen["speedup"] >= 10 and gen["identical"] == gen["rows"]))
-    if not rows:
-        return []
-    return ["", "### Against the goals", "", "| goal | measured | met |", "|---|---|---|",
-            *(f"| {goal} | {measured} | {'yes' if met else 'no'} |" for goal, measured, met in rows)]
-
-
-def _status(parts: dict[str, Any], name: str) -> str:
-    entry = parts.get(name) or {}
-    return f"{entry.get('status', 'not run')}: {entry.get('error') or entry.get('reason') or ''}".strip()
-
-
-def splice_section(section: str, benchmarks: Path) -> None:
-    """Put `section` into BENCHMARKS.md between the gpu-check markers, replacing an earlier one, else at the end."""
-    text = benchmarks.read_text() if benchmarks.is_file() else ""
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1].lstrip("\n")
-        text = head + section.strip() + "\n" + tail
-    else:
-        text = text.rstrip() + "\n\n" + section.strip() + "\n"
-    benchmarks.write_text(text)
-
-
-def kept_section(text: str) -> str | None:
-    """The gpu-check section of a BENCHMARKS.md text, for `make bench` to carry over when it rewrites the file."""
-    if MARK_BEGIN not in text or MARK_END not in text:
-        return None
-    return MARK_BEGIN + text.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0] + MARK_END + "\n"
 
 
 # --------------------------------------------------------------------------------------------------------- main

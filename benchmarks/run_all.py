@@ -276,7 +276,7 @@ def main() -> None:
     saved.write_text(json.dumps(results, indent=2))
     previous = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").is_file() else ""
     write_markdown(results["quality"], results["training"], results["eval"], results["startup"], ROOT / "BENCHMARKS.md")
-    from gpu_check import kept_section, splice_section  # the GPU figures come from `make gpu-check`: keep them
+    from gpu_report import kept_section, splice_section  # the GPU figures come from `make gpu-check`: keep them
 
     if gpu_section := kept_section(previous):
         splice_section(gpu_section, ROOT / "BENCHMARKS.md")

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: the CPU smoke run yields every part, and a failing part does not stop the others."""
+"""benchmarks/gpu_check.py and helpers: the CPU smoke run yields every part; a failing part does not stop the rest."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from tiny import CHATML_TEMPLATE, build_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_measure  # noqa: E402
+import gpu_report  # noqa: E402
 
 INJECTED = "qlora_job_packed"  # padding-free packing has its own test in test_train.py
 
@@ -78,7 +80,7 @@ def test_generation_and_subprocess_parts(smoke):
     assert not pre["traceback_printed"]
     env = report["parts"]["environment"]["result"]
     assert env["versions"]["torch"] and env["versions"]["trl"] and env["unmet_requirements"] == []
-    assert markdown.startswith(gpu_check.MARK_BEGIN) and gpu_check.MARK_END in markdown
+    assert markdown.startswith(gpu_report.MARK_BEGIN) and gpu_report.MARK_END in markdown
     assert f"`{INJECTED}`: RuntimeError: injected failure" in markdown and "plain trl" in markdown
 
 
@@ -91,8 +93,8 @@ def test_flop_formula_and_gemma_2b_dimensions():
     n = model.num_parameters()
     assert n == 2_506_172_416  # google/gemma-2b's published parameter count
     dims = gpu_check.GEMMA_2B
-    assert gpu_check.model_flops_per_token(n, dims, 200) == 6 * n + 12 * 18 * 8 * 256 * 200
-    assert gpu_check.model_flops_per_token(n, dims, 400) > gpu_check.model_flops_per_token(n, dims, 200)
+    assert gpu_measure.model_flops_per_token(n, dims, 200) == 6 * n + 12 * 18 * 8 * 256 * 200
+    assert gpu_measure.model_flops_per_token(n, dims, 400) > gpu_measure.model_flops_per_token(n, dims, 200)
 
 
 @pytest.mark.parametrize(("name", "peak"), [
@@ -101,11 +103,11 @@ def test_flop_formula_and_gemma_2b_dimensions():
     ("Tesla T4", None),
 ])
 def test_bf16_peak_table_matches_the_most_specific_name(name, peak):
-    assert gpu_check.bf16_peak_tflops(name) == peak
+    assert gpu_measure.bf16_peak_tflops(name) == peak
 
 
 def test_steady_state_excludes_warmup_steps():
-    clock = gpu_check.StepClock()
+    clock = gpu_measure.StepClock()
     clock.start = 0.0
     clock.step_end_times = [10.0, 11.0, 12.0, 13.0]  # a slow first step
     clock.batch_tokens = [5, 5, 100, 100, 100, 100, 100, 100]  # two micro-batches a step
@@ -113,21 +115,21 @@ def test_steady_state_excludes_warmup_steps():
     steady = clock.steady(warmup_steps=1, accumulation=2)
     assert steady["timed_steps"] == 3 and steady["timed_seconds"] == 3.0 and steady["timed_real_tokens"] == 600
     assert steady["real_tokens_per_s"] == 200.0 and steady["non_padding_share"] == 600 / 650
-    with pytest.raises(gpu_check.PartFailed):
+    with pytest.raises(gpu_measure.PartFailed):
         clock.steady(warmup_steps=4, accumulation=2)
 
 
 def test_section_is_spliced_into_benchmarks_and_replaced_not_duplicated(tmp_path):
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text("# Benchmarks\n\nCPU figures.\n")
-    section = f"{gpu_check.MARK_BEGIN}\n## GPU check: one\n{gpu_check.MARK_END}\n"
-    gpu_check.splice_section(section, bench)
-    gpu_check.splice_section(section.replace("one", "two"), bench)
+    section = f"{gpu_report.MARK_BEGIN}\n## GPU check: one\n{gpu_report.MARK_END}\n"
+    gpu_report.splice_section(section, bench)
+    gpu_report.splice_section(section.replace("one", "two"), bench)
     text = bench.read_text()
-    assert text.startswith("# Benchmarks\n\nCPU figures.\n") and text.count(gpu_check.MARK_BEGIN) == 1
+    assert text.startswith("# Benchmarks\n\nCPU figures.\n") and text.count(gpu_report.MARK_BEGIN) == 1
     assert "GPU check: two" in text and "GPU check: one" not in text
-    assert gpu_check.kept_section(text).strip() == section.replace("one", "two").strip()
-    assert gpu_check.kept_section("# Benchmarks\n") is None
+    assert gpu_report.kept_section(text).strip() == section.replace("one", "two").strip()
+    assert gpu_report.kept_section("# Benchmarks\n") is None
 
 
 def test_kit_keeps_only_the_target_cuda_library_of_bitsandbytes(tmp_path):
