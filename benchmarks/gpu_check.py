@@ -199,11 +199,11 @@ def _unmet_requirements() -> list[str]:
 
 def part_model(ctx: Context) -> dict[str, Any]:
     """Random weights at the plan's dimensions, saved as a local model folder with the demo tokenizer."""
-    tokenizer = _tokenizer(ctx)
+    tokenizer, source = _tokenizer(ctx.args.tokenizer)
     started = time.monotonic()
     ctx.model_dir, ctx.n_params = build_random_model(ctx.work / "model", ctx.plan.model, tokenizer)
     result = {"dims": {**ctx.plan.model, "vocab_size": _vocab(ctx.plan.model, tokenizer)}, "parameters": ctx.n_params,
-              "build_and_save_s": time.monotonic() - started, "tokenizer": str(ctx.args.tokenizer_used),
+              "build_and_save_s": time.monotonic() - started, "tokenizer": str(source),
               "tokenizer_vocab": len(tokenizer)}
     if ctx.plan.subprocess_model == ctx.plan.model:
         ctx.subprocess_model_dir = ctx.model_dir
@@ -214,20 +214,17 @@ def part_model(ctx: Context) -> dict[str, Any]:
     return result
 
 
-def _tokenizer(ctx: Context) -> Any:
+def _tokenizer(chosen: Path | None) -> tuple[Any, Path]:
+    """The tokenizer and where it came from: --tokenizer, else the kit's copy, else the demo .gguf (converted)."""
     from transformers import AutoTokenizer
 
-    path = ctx.args.tokenizer
-    if path is None:
-        path = KIT / "tokenizer" if (KIT / "tokenizer" / "tokenizer_config.json").is_file() else None
+    path = chosen or (KIT / "tokenizer" if (KIT / "tokenizer" / "tokenizer_config.json").is_file() else None)
     if path is None:
         from job.train.demo_model import fetch
 
         gguf = fetch(DEMO_GGUF.parent)  # already there in a checkout that ran `make demo`; else pip fetches it
-        ctx.args.tokenizer_used = gguf
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    ctx.args.tokenizer_used = path
-    return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), gguf
+    return AutoTokenizer.from_pretrained(path), path
 
 
 def _vocab(dims: dict[str, int], tokenizer: Any) -> int:
@@ -563,9 +560,6 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
     (out / "gpu_check.md").write_text(markdown(report))
 
 
-# ----------------------------------------------------------------------------------------------------- markdown
-
-
 # --------------------------------------------------------------------------------------------------------- main
 
 
@@ -582,9 +576,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, help="Skip parts not started after this many seconds.")
     parser.add_argument("--benchmarks", type=Path, help="Also put the Markdown section into this BENCHMARKS.md.")
     parser.add_argument("--from-json", type=Path, help="Only re-render the Markdown of an existing gpu.json.")
-    args = parser.parse_args(argv)
-    args.tokenizer_used = None
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
