@@ -256,7 +256,7 @@ def build_random_model(path: Path, dims: dict[str, int], tokenizer: Any) -> tupl
 
 
 def train_with_job(ctx: Context, cfg: Any) -> tuple[Any, Any, Any]:
-    """THE coupling point with the job's trainer: tokenizer, data stage, run folder and `train()` as the CLI runs them.
+    """The one coupling point with the job's trainer: tokenizer, data stage, run folder, `train()`, as the CLI does.
 
     Returns (TrainResult, PreparedData, StepClock).
     """

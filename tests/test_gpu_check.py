@@ -153,3 +153,18 @@ def test_kit_keeps_only_the_target_cuda_library_of_bitsandbytes(tmp_path):
     assert "cuda126" not in record and "rocm72" not in record and "cuda130" in record
     with pytest.raises(SystemExit, match="no library for CUDA"):
         gpu_kit.slim_bitsandbytes(wheel, {"118"})
+
+
+def test_parts_past_the_budget_or_without_a_model_are_skipped_with_a_reason(tmp_path):
+    import argparse
+    import time
+
+    plan = gpu_check.Plan(**{**vars(gpu_check.CPU_PLAN), "budget_s": 10.0})
+    ctx = gpu_check.Context(plan=plan, args=argparse.Namespace(fail=None), work=tmp_path)
+    late = gpu_check.run_part(ctx, "environment", started=time.monotonic() - 60)
+    assert late["status"] == "skipped" and "time budget" in late["reason"]
+    plan.budget_s = None
+    orphan = gpu_check.run_part(ctx, "lora_job", started=time.monotonic())
+    assert orphan["status"] == "skipped" and "model" in orphan["reason"]
+    estimate = gpu_check.run_part(ctx, "epoch_estimate", started=time.monotonic())
+    assert estimate["status"] == "failed" and "no training part succeeded" in estimate["error"]
