@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from job.errors import ConfigError
 from job.platforms import sagemaker
@@ -21,9 +20,6 @@ from job.platforms import sagemaker
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-K8S = REPO / "infra" / "k8s"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
-K8S_VERSIONS = ("1.31.0", "latest")  # oldest with podFailurePolicy GA, and the newest schemas shipped
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,17 +45,58 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_contract():
     steps = _instructions(DOCKERFILE.read_text())
     values = {name: [args for n, args in steps if n == name] for name in {n for n, _ in steps}}
-    assert values["ENTRYPOINT"] == ['["/usr/local/bin/finetune-entrypoint"]']
+    assert values["ENTRYPOINT"] == ['["/usr/bin/tini", "--", "/usr/local/bin/finetune-entrypoint"]']
     assert values["CMD"] == ['["run"]']
     assert values["STOPSIGNAL"] == ["SIGTERM"]
-    # The default target is the last stage; it must be the non-root runtime stage.
     stages = [args for name, args in steps if name == "FROM"]
-    assert stages[-1].split()[0] == "runtime" and "AS runtime" in stages[0]
-    runtime_users = [args for name, args in steps[: steps.index(("FROM", stages[1]))] if name == "USER"]
+    runtime = next(args for args in stages if args.endswith("AS runtime"))
+    # torch's wheel brings CUDA: the runtime base is plain Debian, not a CUDA runtime image
+    assert runtime.startswith("debian:") and "-slim" in runtime
+    # The default target is the last stage; it must be the non-root runtime stage.
+    assert stages[-1].split()[0] == "runtime"
+    runtime_steps = steps[steps.index(("FROM", runtime)):steps.index(("FROM", "runtime AS sagemaker"))]
+    runtime_users = [args for name, args in runtime_steps if name == "USER"]
     assert runtime_users and not runtime_users[-1].startswith(("root", "0"))
     entrypoint_copy = " docker/entrypoint.sh /usr/local/bin/finetune-entrypoint"
     assert any(args.endswith(entrypoint_copy) for args in values["COPY"])
-    assert "HF_HOME=/cache/huggingface" in " ".join(values["ENV"])
+    env = " ".join(values["ENV"])
+    for setting in ("HF_HOME=/cache/huggingface", "FINETUNE_CACHE_DIR=/cache/finetune", "NVIDIA_VISIBLE_DEVICES=all",
+                    "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+                    "FINETUNE_MODEL_ATTN_IMPLEMENTATION=flash_attention_2"):
+        assert setting in env, setting
+    runs = " ".join(values["RUN"])
+    assert "--require-hashes -r /src/requirements/image.txt" in runs, "dependencies come from the lock"
+    assert "tini=" in runs and "flash_attn-*.whl" in runs and "import job.platforms.sagemaker, flash_attn" in runs
+
+
+def test_image_env_reaches_the_job_settings():
+    """What the Dockerfile sets is what the job reads: its cache root, and the attention implementation that
+    makes `packing: auto` pack padding-free."""
+    from job.config import load_config
+    from job.settings import cache_root
+
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for n, a in _instructions(DOCKERFILE.read_text()) if n == "ENV")))
+    old = {name: os.environ.get(name) for name in env}
+    try:
+        os.environ.update(env)
+        assert cache_root() == Path("/cache/finetune")
+        assert load_config("gemma-2b-it-qlora").model.attn_implementation == "flash_attention_2"
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_transformers_accepts_the_image_attention_and_packs_with_it():
+    """flash_attention_2 is a name transformers 5 knows (flash-attn's varlen kernels: padding-free packing)."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTN_KERNEL_FALLBACK
+    from transformers.utils.generic import is_flash_attention_requested
+
+    assert "flash_attention_2" in FLASH_ATTN_KERNEL_FALLBACK
+    assert is_flash_attention_requested(requested_attention_implementation="flash_attention_2")
+    assert not is_flash_attention_requested(requested_attention_implementation="sdpa")
 
 
 def test_copied_context_files_exist_and_are_not_dockerignored():
@@ -96,6 +133,8 @@ def fake_bin(tmp_path: Path) -> Path:
     ("args", "expected"),
     [
         (["train"], "python -m job.platforms.sagemaker"),
+        (["train", "--config", "gemma-2b-it-qlora"], "finetune train --config gemma-2b-it-qlora"),
+        (["train", "--help"], "finetune train --help"),
         (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
          "finetune run --config gemma-2b-it-qlora --resume auto"),
         (["presets"], "finetune presets"),
@@ -112,73 +151,103 @@ def test_entrypoint_routes_and_execs(fake_bin: Path, shell: str, args: list[str]
     assert int(pid) == proc.pid, "the entrypoint must exec (PID 1 must be the Python process)"
 
 
-# --- Kubernetes ---------------------------------------------------------------------------------------------
+def _real_entrypoint(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The entrypoint with the real `python` and `finetune` of this environment first on PATH."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env={**os.environ, **env, "PATH": path},
+                          capture_output=True, text=True, timeout=60)
 
 
-def _load(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+def test_real_entrypoint_train_alone_runs_the_sagemaker_contract(tmp_path: Path):
+    root = tmp_path / "ml"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"max_steps": "3"}))
+    result = _real_entrypoint(["train"], {"SM_ROOT": str(root), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr
+    assert "did you mean training.max_steps" in (root / "output" / "failure").read_text()
 
 
-def _jobs() -> list[dict]:
-    return [doc for path in MANIFESTS for doc in _load(path) if doc["kind"] == "Job"]
+def test_real_entrypoint_train_with_arguments_is_finetune_train(tmp_path: Path):
+    result = _real_entrypoint(["train", "--config", "no-such-preset"], {"SM_ROOT": str(tmp_path / "ml"),
+                                                                       "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown preset 'no-such-preset'")
+    assert not (tmp_path / "ml").exists(), "finetune train must not touch the SageMaker paths"
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_validates(path: Path, version: str):
-    from kubernetes_validate import utils
-
-    version = utils.latest_version() if version == "latest" else version
-    for resource in _load(path):
-        utils.validate(resource, version, strict=True)
+# --- Makefile and lock files --------------------------------------------------------------------------------
 
 
-def test_manifests_present():
-    names = {path.name for path in MANIFESTS}
-    assert {"job-qlora.yaml", "secret-example.yaml"} <= names
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True,
+                          text=True, timeout=60)
 
 
-def test_qlora_job_failure_policy_and_pod():
-    (job,) = _load(K8S / "job-qlora.yaml")
-    pod = job["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    actions: dict[int, str] = {}
-    condition_actions = {}
-    for rule in job["spec"]["podFailurePolicy"]["rules"]:
-        if "onExitCodes" in rule:
-            assert rule["onExitCodes"]["operator"] == "In"
-            assert rule["onExitCodes"]["containerName"] == container["name"]
-            actions.update(dict.fromkeys(rule["onExitCodes"]["values"], rule["action"]))
-        for condition in rule.get("onPodConditions", []):
-            condition_actions[condition["type"]] = rule["action"]
-    assert actions == {2: "FailJob", 3: "FailJob", 75: "Ignore"}
-    assert condition_actions == {"DisruptionTarget": "Ignore"}
-    assert pod["restartPolicy"] == "Never"
-    assert pod["terminationGracePeriodSeconds"] >= 120
-    assert container["args"] == ["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    env = {item["name"]: item for item in container["env"]}
-    assert env["FINETUNE_OUTPUT_URI"]["value"].startswith("s3://")
-    assert env["FINETUNE_TRAINING_CHECKPOINT_URI"]["value"].startswith("s3://")
-    assert "fieldRef" in env["FINETUNE_OUTPUT_RUN_ID"]["valueFrom"], "retried pods must share the run id"
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
-    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
+def _help_targets() -> list[str]:
+    result = _make("help")
+    assert result.returncode == 0, result.stderr
+    return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
-def test_jobs_use_secret_keys_that_the_example_defines():
-    (secret,) = _load(K8S / "secret-example.yaml")
-    for job in _jobs():
-        pod = job["spec"]["template"]["spec"]
-        if "podFailurePolicy" in job["spec"]:
-            assert pod["restartPolicy"] == "Never"
-        for container in pod["containers"]:
-            for item in container.get("env", []):
-                ref = item.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    assert ref["name"] == secret["metadata"]["name"]
-                    assert ref["key"] in secret["stringData"]
-    assert all("REPLACE_ME" in value for value in secret["stringData"].values())
+def test_every_makefile_target_has_a_help_line():
+    rules = set(re.findall(r"^([a-zA-Z0-9_-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
+    assert rules == set(_help_targets())
+    assert {"image", "push", "run-local", "k8s-submit", "k8s-logs", "k8s-delete", "sagemaker-submit", "pull",
+            "lock"} <= rules
+
+
+@pytest.mark.parametrize("target", _help_targets())
+def test_make_dry_run_works(target: str):
+    result = _make("-n", target, "RUN=s3://bucket/runs/r1", "ROLE=arn:aws:iam::123456789012:role/sm")
+    assert result.returncode == 0, result.stderr
+
+
+def test_make_targets_use_version_tag_and_settings():
+    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert f"registry.example.com/finetune-job:{version}" in _make("-n", "image").stdout
+    assert "docker push ghcr.io/me/finetune-job:dev" in _make("-n", "push", "REGISTRY=ghcr.io/me", "TAG=dev").stdout
+    run_local = _make("-n", "run-local", "ENV_FILE=my.env").stdout
+    assert "--gpus all" in run_local and "--env-file my.env" in run_local and "finetune-cache:/cache" in run_local
+    assert "--dry-run" in _make("-n", "sagemaker-submit", "DRY_RUN=1").stdout
+    assert "--dry-run" not in _make("-n", "sagemaker-submit").stdout
+    assert 'artifacts pull "s3://b/r/1"' in _make("-n", "pull", "RUN=s3://b/r/1").stdout
+    assert "kubectl apply" in _make("-n", "k8s-submit", "OVERLAY=multi-node").stdout
+    install = _make("-n", "-B", "install", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126").stdout
+    assert '--index-url "https://download.pytorch.org/whl/cu126" "torch==' in install
+    assert "--require-hashes -r requirements/dev.txt" in install
+
+
+def _locked(path: Path) -> dict[str, str]:
+    return {name.lower(): version for name, version in
+            re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", path.read_text(), re.MULTILINE)}
+
+
+def test_lock_files_are_hash_pinned_and_leave_torch_out():
+    image, dev = _locked(REPO / "requirements" / "image.txt"), _locked(REPO / "requirements" / "dev.txt")
+    for path in ("image.txt", "dev.txt"):
+        text = (REPO / "requirements" / path).read_text()
+        pinned = r"^[A-Za-z0-9_.-]+==\S+ \\\n((?:\s+--hash=sha256:[0-9a-f]{64}\s*\\?\n?)+)"
+        entries = re.findall(pinned, text, re.MULTILINE)
+        assert len(entries) == len(_locked(REPO / "requirements" / path)) > 50, path
+    assert "torch" not in image and "torch" not in dev and "triton" not in image
+    assert {"transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "einops"} <= set(image)
+    assert {"pytest", "moto", "kubernetes-validate", "jsonschema", "uv"} <= set(dev)
+    shared = set(image) & set(dev)
+    assert {name for name in shared if image[name] != dev[name]} == set(), "image and dev must agree"
+
+
+def test_installed_environment_matches_the_dev_lock():
+    from importlib import metadata
+
+    mismatched = {}
+    for name, version in _locked(REPO / "requirements" / "dev.txt").items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != version and name not in {"setuptools", "uv"}:
+            mismatched[name] = (version, installed)
+    assert mismatched == {}, "run `make install` (or `make lock` after changing pyproject.toml)"
 
 
 # --- SageMaker ----------------------------------------------------------------------------------------------
