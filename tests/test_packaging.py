@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,9 +282,8 @@ def test_build_cli_args_maps_hyperparameters_and_channels(tmp_path: Path):
     assert args[:3] == ["run", "--config", "gemma-2b-it-lora"]
     assert args[-2:] == ["--resume", "auto"]
     assert _sets(args) == [
-        f"output.uri={root / 'model'}",
+        f"output.uri={root / 'checkpoints'}",
         "output.run_id=finetune-2026-11-29-16-03-00-123",
-        f"training.checkpoint_uri={root / 'checkpoints'}",
         f"data.source={root / 'input' / 'data' / 'train'}",
         f"model.name={root / 'input' / 'data' / 'model'}",
         "evaluation.compare_base=false",
@@ -295,11 +295,7 @@ def test_build_cli_args_defaults(tmp_path: Path):
     root = _sm_root(tmp_path)  # no hyperparameters file, no channels, no job name
     args = sagemaker.build_cli_args(root, {})
     assert "--config" not in args  # FINETUNE_CONFIG or the CLI's default preset applies
-    assert _sets(args) == [
-        f"output.uri={root / 'model'}",
-        "output.run_id=sagemaker",
-        f"training.checkpoint_uri={root / 'checkpoints'}",
-    ]
+    assert _sets(args) == [f"output.uri={root / 'checkpoints'}", "output.run_id=sagemaker"]
 
 
 def test_build_cli_args_values_round_trip_through_yaml(tmp_path: Path):
@@ -345,6 +341,16 @@ FAKE_CLI = """\
 import json, os, signal, sys, time
 from pathlib import Path
 Path(os.environ["FAKE_ARGS"]).write_text(json.dumps(sys.argv[1:]))
+sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and a.startswith(("output.", "training.")))
+if os.environ.get("FAKE_EXIT") == "0":  # a finished run, published in place as the pipeline does
+    from job.storage.publish import build_manifest, publish_run
+    run = Path(sets["output.uri"]) / sets["output.run_id"]
+    for rel in ("adapter/adapter_model.safetensors", "eval/report.md", "checkpoints/checkpoint-2/optimizer.pt",
+                "checkpoints/checkpoint-2/trainer_state.json"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(rel)
+    manifest = build_manifest(run, config={}, status="completed", started_at="t0", ended_at="t1", metrics=None)
+    publish_run(run, str(run), manifest)
 if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):
     def stop(signum, frame):
         print("saving checkpoint", file=sys.stderr)
@@ -378,7 +384,15 @@ def test_main_runs_cli_and_succeeds(tmp_path: Path, fake_cli, monkeypatch: pytes
     assert sagemaker.main(root=root, environ=environ, command=command) == 0
     assert json.loads(args_file.read_text()) == sagemaker.build_cli_args(root, environ)
     assert not (root / "output" / "failure").exists()
-    assert (root / "model").is_dir() and (root / "checkpoints").is_dir()
+    model = root / "model" / "job-1"
+    files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
+    assert files == {"adapter/adapter_model.safetensors", "eval/report.md", "manifest.json"}, "no checkpoints"
+    assert (root / "checkpoints" / "job-1" / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+
+    args_file.unlink()  # a managed-spot restart after the run finished: nothing is trained again
+    shutil.rmtree(model)
+    assert sagemaker.main(root=root, environ=environ, command=command) == 0
+    assert not args_file.exists() and (model / "manifest.json").is_file()
 
 
 def test_main_writes_failure_and_propagates_exit_code(tmp_path: Path, fake_cli, monkeypatch):
