@@ -24,6 +24,7 @@ NAMESPACE ?= default
 RUN_ID    ?= finetune-gemma-2b-it-qlora
 BUCKET    ?= my-bucket
 ROLE      ?=
+SM_ARGS   ?=
 DRY_RUN   ?=
 RUN       ?=
 DEST      ?= runs/pulled
@@ -91,9 +92,9 @@ k8s-logs: ## Follow the logs of job RUN_ID (all pods; the job's stderr)
 k8s-delete: ## Delete what k8s-submit created for RUN_ID (the bucket keeps the results)
 	kubectl delete -n $(NAMESPACE) --ignore-not-found job/$(RUN_ID) service/$(RUN_ID)
 
-sagemaker-submit: ## Create a SageMaker training job with IMAGE_REF-sagemaker and ROLE; DRY_RUN=1 prints the request
-	$(BIN)/python infra/sagemaker/estimator_example.py --image $(IMAGE_REF)-sagemaker --role "$(ROLE)" \
-	  --bucket $(BUCKET) $(if $(DRY_RUN),--dry-run,)
+sagemaker-submit: ## SageMaker training job with IMAGE_REF-sagemaker, ROLE, SM_ARGS; DRY_RUN=1 prints the request
+	$(BIN)/python infra/sagemaker/submit.py --image $(IMAGE_REF)-sagemaker --role "$(ROLE)" \
+	  --bucket $(BUCKET) $(SM_ARGS) $(if $(DRY_RUN),--dry-run,)
 
 pull: ## Fetch published run RUN=s3://... (or a SageMaker model.tar.gz) into DEST, verified
 	$(BIN)/finetune artifacts pull "$(RUN)" "$(DEST)"

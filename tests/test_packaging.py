@@ -445,11 +445,79 @@ def test_failure_reason_falls_back_to_last_line_and_redacts_env_secrets():
     assert sagemaker.failure_reason(b"", 137, {}) == "finetune exited with code 137"
 
 
-def test_estimator_example_does_not_import_sagemaker_at_module_level():
-    tree = ast.parse((REPO / "infra" / "sagemaker" / "estimator_example.py").read_text())
-    top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    names = {alias.name for node in top_level for alias in node.names} | {
-        node.module for node in top_level if isinstance(node, ast.ImportFrom)
-    }
-    assert not any(name and name.split(".")[0] == "sagemaker" for name in names)
-    assert "Estimator(" in ast.unparse(tree)
+SUBMIT = REPO / "infra" / "sagemaker" / "submit.py"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerExecutionRole"
+
+
+def _submit_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sagemaker_submit", SUBMIT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _create_training_job_errors(request: dict) -> str:
+    """botocore's own validation of a CreateTrainingJob request against the sagemaker service model ('' = ok);
+    nothing is sent."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(
+        "CreateTrainingJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    return report.generate_report() if report.has_errors() else ""
+
+
+def test_sagemaker_request_validates_against_botocore_service_model(tmp_path: Path):
+    submit = _submit_module()
+    request = submit.build_request(
+        image="123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-job:0.1.0-sagemaker", role=ROLE,
+        bucket="my-bucket", job_name="finetune-20261202-063300", hyperparameters={"training.max_steps": 500},
+        instance_count=2, train_data="s3://my-bucket/data/", environment={"HF_TOKEN": "hf_x"},
+    )
+    assert _create_training_job_errors(request) == ""
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
+    assert request["CheckpointConfig"] == {"S3Uri": "s3://my-bucket/finetune/checkpoints/finetune-20261202-063300",
+                                           "LocalPath": "/opt/ml/checkpoints"}
+    assert request["HyperParameters"] == {"config": "gemma-2b-it-qlora", "training.max_steps": "500"}
+    # the validator can say no: a number where SageMaker wants a string, a missing required field
+    wrong = {**request, "HyperParameters": {"training.max_steps": 500}}
+    assert "HyperParameters.training.max_steps" in _create_training_job_errors(wrong)
+    assert "RoleArn" in _create_training_job_errors({k: v for k, v in request.items() if k != "RoleArn"})
+    # what the container reads back: every hyperparameter maps to a --set the CLI accepts
+    root = _sm_root(tmp_path, request["HyperParameters"])
+    assert "training.max_steps=500" in _sets(sagemaker.build_cli_args(root, {}))
+
+
+def test_sagemaker_submit_dry_run_prints_the_request_without_sending(tmp_path: Path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_TOKEN": "hf_" + "s3cr3t" * 6,
+           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "sagemaker-submit", "DRY_RUN=1",
+                             f"ROLE={ROLE}", "SM_ARGS=--instance-count 2 --set training.max_steps=50",
+                             f"BIN={Path(sys.executable).parent}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    request = json.loads(result.stdout[result.stdout.index("{"):])
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    assert request["HyperParameters"]["training.max_steps"] == "50"
+    assert request["Environment"] == {"HF_TOKEN": "***"} and "s3cr3t" not in result.stdout
+    assert request["AlgorithmSpecification"]["TrainingImage"].endswith("finetune-job:0.1.0-sagemaker")
+    request["Environment"]["HF_TOKEN"] = "hf_x"
+    assert _create_training_job_errors(request) == ""
+
+
+def test_sagemaker_submit_rejects_a_bad_role_with_exit_2():
+    result = subprocess.run([sys.executable, str(SUBMIT), "--image", "x", "--role", "", "--bucket", "b",
+                             "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expected an IAM role ARN" in result.stderr
+
+
+def test_submit_example_does_not_need_the_sagemaker_sdk():
+    tree = ast.parse(SUBMIT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                             if isinstance(node, ast.ImportFrom) and node.module}
+    assert "sagemaker" not in imported and "boto3" in imported
