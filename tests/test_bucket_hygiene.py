@@ -193,13 +193,11 @@ def test_preempted_overwrite_of_a_real_run_resumes_and_leaves_a_clean_bucket(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") or k.startswith("FINETUNE_S3")}
     base = [sys.executable, "-m", "job", "train", "--config", "gemma-2b-it-lora", "--output", output,
             "--run-id", "r9"]
-    first = subprocess.run([*base, *_tiny_overrides(tiny_model, sample_path, "training.max_steps=4",
-                                                    "training.save_steps=2")],
-                           env={**env, "FINETUNE_WORK_DIR": str(tmp_path / "m0")}, capture_output=True, text=True,
-                           timeout=300)
-    assert first.returncode == 0, first.stderr
-    old_keys = _keys(s3_client, s3_bucket, "runs/r9/")
-    assert "checkpoints/checkpoint-4/trainer_state.json" in old_keys
+    old = make_run_folder(tmp_path / "old", "r9")  # the published run being replaced, and its checkpoints
+    (old / "eval" / "only-in-the-old-run.txt").write_text("old")
+    storage.upload_dir(old / "checkpoints", f"{output}/r9/checkpoints")
+    publish_run(old, f"{output}/r9", _manifest(old, "2025-01-01T00:00:00+00:00", f"{output}/r9/checkpoints"))
+    assert "checkpoints/checkpoint-2/trainer_state.json" in _keys(s3_client, s3_bucket, "runs/r9/")
 
     command = [*base, "--overwrite", *_tiny_overrides(
         tiny_model, sample_path, "training.max_steps=12", "training.save_steps=2", "training.save_total_limit=2",
@@ -215,7 +213,7 @@ def test_preempted_overwrite_of_a_real_run_resumes_and_leaves_a_clean_bucket(
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == EXIT_PREEMPTED, process.stderr.read()
-    assert storage.read_json(f"{output}/r9/{MANIFEST}")["config"]["training"]["max_steps"] == 4  # old run whole
+    assert storage.read_json(f"{output}/r9/{MANIFEST}")["started_at"].startswith("2025-01-01")  # old run whole
     shutil.rmtree(disk)
 
     second = subprocess.run(command, env={**env, "FINETUNE_WORK_DIR": str(tmp_path / "m2")}, capture_output=True,
@@ -227,7 +225,7 @@ def test_preempted_overwrite_of_a_real_run_resumes_and_leaves_a_clean_bucket(
     keys = _keys(s3_client, s3_bucket, "runs/r9/")
     listed = {f["path"] for f in manifest["files"]} | {MANIFEST}
     listed |= {f"checkpoints/{f['path']}" for f in manifest["checkpoints"]["files"]}
-    assert keys == listed
+    assert keys == listed and "eval/only-in-the-old-run.txt" not in keys, "no object of the old run survives"
     assert {key.split("/")[1] for key in keys if key.startswith("checkpoints/")} == {
         "checkpoint-10", "checkpoint-12"}, "pruned to save_total_limit"
     pulled = pull_run(f"{output}/r9", tmp_path / "pulled")
