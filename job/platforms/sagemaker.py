@@ -372,6 +372,10 @@ def main(
             return code
     if not cluster.is_first:
         return 0  # rank 0 runs on the first host, which alone publishes
+    if "output.uri" in read_hyperparameters(root):
+        print("sagemaker: output.uri was set by a hyperparameter: the run was published there, not to "
+              "/opt/ml/model", file=sys.stderr, flush=True)
+        return 0
     try:
         model = publish_model(root, environ)
     except JobError as exc:
