@@ -263,3 +263,18 @@ def test_pull_understands_a_sagemaker_model_tar_gz(s3_bucket: str, tmp_path: Pat
         with tarfile.open(empty, "w:gz"):
             pass
         pull_run(str(empty), tmp_path / "e")
+
+
+def test_preempted_local_overwrite_keeps_its_progress(tmp_path: Path):
+    cfg = load_config("gemma-2b-it-lora", [f"output.uri={tmp_path / 'runs'}", "output.run_id=r1"])
+    old = make_run_folder(tmp_path / "runs", "r1")
+    publish_run(old, str(old), _manifest(old, "2025-01-01T00:00:00+00:00"))
+    folder = open_run_folder(cfg, "auto", overwrite=True)  # replaces the finished run...
+    assert not (folder.path / "eval").exists() and (folder.path / OVERWRITE_MARKER).is_file()
+    (folder.path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (folder.path / "checkpoints" / "checkpoint-4" / TRAINER_STATE).write_text('{"global_step": 4}')
+    again = open_run_folder(cfg, "auto", overwrite=True)  # ...and the same command after SIGTERM resumes it
+    assert latest_complete_checkpoint(str(again.path / "checkpoints")) == str(again.path / "checkpoints/checkpoint-4")
+    publish_run(again.path, str(again.path), _manifest(again.path, "2025-02-02T00:00:00+00:00"))
+    assert not (again.path / OVERWRITE_MARKER).exists()
+    assert not (open_run_folder(cfg, "auto", overwrite=True).path / "checkpoints").exists()  # committed: afresh
