@@ -1,24 +1,55 @@
 # finetune: fine-tune an LLM for text-to-SQL and evaluate it by running its SQL.
-PYTHON ?= python3
-VENV   ?= .venv
-BIN    := $(VENV)/bin
-TORCH  ?= torch==2.13.0
-IMAGE  ?= finetune-job:latest
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# torch is installed first and on its own, from a wheel index: the CPU build by default (a machine whose pip is
+# configured with a local wheelhouse takes it from there), a CUDA build with e.g.
+#   make install TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+TORCH_VERSION   ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+              --overrides requirements/overrides.txt --custom-compile-command "make lock" --quiet
+
+# Image, submission and fetch settings (override on the command line: make push REGISTRY=ghcr.io/me TAG=dev)
+REGISTRY  ?= registry.example.com
+TAG       ?= $(VERSION)
+IMAGE     ?= finetune-job
+IMAGE_REF := $(if $(REGISTRY),$(REGISTRY)/,)$(IMAGE):$(TAG)
+ENV_FILE  ?= .env
+CACHE_VOL ?= finetune-cache
+ARGS      ?= run --config gemma-2b-it-qlora
+OVERLAY   ?= single-gpu
+NAMESPACE ?= default
+RUN_ID    ?= finetune-gemma-2b-it-qlora
+BUCKET    ?= my-bucket
+ROLE      ?=
+SM_ARGS   ?=
+DRY_RUN   ?=
+RUN       ?=
+DEST      ?= runs/pulled
 
 .DEFAULT_GOAL := help
-.PHONY: help install test lint demo bench docker-build clean
+.PHONY: help install lock test lint demo bench image docker-build push run-local k8s-render k8s-submit k8s-logs \
+        k8s-delete sagemaker-submit pull clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps --index-url "$(TORCH_INDEX_URL)" "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"  # torch's own dependencies, for the build just installed
+	$(BIN)/pip install -q --no-deps --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip check
 	touch $@
 
-install: $(BIN)/.installed ## Create .venv: torch first (CPU build here), then the project with dev extras
+install: $(BIN)/.installed ## Create .venv: torch (TORCH_INDEX_URL; CPU by default), then the hash-pinned dev lock
+
+lock: ## Re-resolve requirements/{image,dev}.txt (hash-pinned, torch left out) from pyproject.toml with uv
+	$(BIN)/uv pip compile pyproject.toml --extra gpu $(LOCK_FLAGS) -o requirements/image.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c requirements/image.txt -o requirements/dev.txt
 
 test: install ## Run the whole test suite (what CI runs)
 	$(BIN)/pytest -q
@@ -34,8 +65,39 @@ demo: install ## Fine-tune SmolLM2-135M-Instruct on shipped real rows on the CPU
 bench: install ## Benchmarks against their baselines; writes BENCHMARKS.md (not part of CI)
 	$(BIN)/python benchmarks/run_all.py
 
-docker-build: ## Build the CUDA image (needs a Docker engine)
-	docker build -f docker/Dockerfile -t $(IMAGE) .
+image: ## Build the GPU image IMAGE_REF (needs a Docker engine; TAG defaults to the package version)
+	docker build -f docker/Dockerfile -t $(IMAGE_REF) .
+	docker build -f docker/Dockerfile --target sagemaker -t $(IMAGE_REF)-sagemaker .
+
+docker-build: image ## Same as `image`
+
+push: ## Push IMAGE_REF and its -sagemaker variant to REGISTRY
+	docker push $(IMAGE_REF)
+	docker push $(IMAGE_REF)-sagemaker
+
+run-local: ## docker run --gpus all IMAGE_REF ARGS, with ENV_FILE (secrets) and the CACHE_VOL volume on /cache
+	docker run --rm --init --gpus all --shm-size 8g --stop-timeout 120 --env-file $(ENV_FILE) \
+	  -v $(CACHE_VOL):/cache -v "$(CURDIR)/runs:/workspace/runs" $(IMAGE_REF) $(ARGS)
+
+k8s-render: ## Print the OVERLAY (single-gpu, multi-gpu, multi-node) with IMAGE_REF, BUCKET, RUN_ID filled in
+	@$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID)
+
+k8s-submit: ## Render OVERLAY and kubectl apply it in NAMESPACE
+	$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID) \
+	  | kubectl apply -n $(NAMESPACE) -f -
+
+k8s-logs: ## Follow the logs of job RUN_ID (all pods; the job's stderr)
+	kubectl logs -n $(NAMESPACE) -f --all-containers --prefix -l batch.kubernetes.io/job-name=$(RUN_ID)
+
+k8s-delete: ## Delete what k8s-submit created for RUN_ID (the bucket keeps the results)
+	kubectl delete -n $(NAMESPACE) --ignore-not-found job/$(RUN_ID) service/$(RUN_ID)
+
+sagemaker-submit: ## SageMaker training job with IMAGE_REF-sagemaker, ROLE, SM_ARGS; DRY_RUN=1 prints the request
+	$(BIN)/python infra/sagemaker/submit.py --image $(IMAGE_REF)-sagemaker --role "$(ROLE)" \
+	  --bucket $(BUCKET) $(SM_ARGS) $(if $(DRY_RUN),--dry-run,)
+
+pull: ## Fetch published run RUN=s3://... (or a SageMaker model.tar.gz) into DEST, verified
+	$(BIN)/finetune artifacts pull "$(RUN)" "$(DEST)"
 
 # GPU check (docs/gpu.md): the kit carries what an offline CUDA image lacks; gpu-check runs there.
 KIT        ?= .gpu-kit

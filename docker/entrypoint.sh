@@ -1,12 +1,14 @@
 #!/bin/sh
 # Container entrypoint (ENTRYPOINT of docker/Dockerfile, CMD defaults to `run`).
-#   train   -> SageMaker's training-container contract (SageMaker starts the image as `docker run IMAGE train`)
-#   *       -> the finetune CLI: run, prepare, train, evaluate, score, presets, artifacts ...
-# `exec` replaces this shell, so the Python process is PID 1 and receives SIGTERM from docker stop / the
-# kubelet / SageMaker directly: it saves a checkpoint and exits 75 (safe to retry with --resume auto).
+#   train            -> SageMaker's training-container contract: SageMaker starts the image as
+#                       `docker run IMAGE train`, with no other argument (job/platforms/sagemaker.py)
+#   train ARGS...    -> `finetune train ARGS...` (e.g. `docker run IMAGE train --config gemma-2b-it-qlora`)
+#   anything else    -> the finetune CLI: run, prepare, evaluate, score, presets, artifacts ...
+# `exec` replaces this shell, so the job is the direct child of the init process (tini, PID 1), which passes
+# SIGTERM from docker stop / the kubelet / SageMaker on: the job saves a checkpoint and exits 75.
 set -eu
 
-if [ "${1:-}" = "train" ]; then
+if [ "$#" -eq 1 ] && [ "$1" = "train" ]; then
     exec python -m job.platforms.sagemaker
 fi
 exec finetune "$@"

@@ -203,11 +203,15 @@ def artifacts_ls(uri: str) -> None:
 @artifacts.command("pull")
 @click.argument("run_uri")
 @click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-def artifacts_pull(run_uri: str, dest: Path) -> None:
-    """Download RUN_URI into DEST and verify every file against the manifest's sha256."""
+@click.option("--with-checkpoints", is_flag=True, help="Also fetch the trainer checkpoints (with optimizer state).")
+def artifacts_pull(run_uri: str, dest: Path, with_checkpoints: bool) -> None:
+    """Download RUN_URI into DEST and verify every file against the manifest's sha256.
+
+    RUN_URI is a published run (folder or s3://.../<run_id>), or a SageMaker training job's model.tar.gz (or
+    the output folder holding it)."""
     from job.storage.artifacts import pull_run
 
-    click.echo(f"pulled and verified {pull_run(run_uri, dest)}")
+    click.echo(f"pulled and verified {pull_run(run_uri, dest, with_checkpoints=with_checkpoints)}")
 
 
 @artifacts.command("push")

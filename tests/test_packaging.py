@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from job.errors import ConfigError
 from job.platforms import sagemaker
@@ -21,9 +21,6 @@ from job.platforms import sagemaker
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
-K8S = REPO / "infra" / "k8s"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
-K8S_VERSIONS = ("1.31.0", "latest")  # oldest with podFailurePolicy GA, and the newest schemas shipped
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,17 +46,58 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_contract():
     steps = _instructions(DOCKERFILE.read_text())
     values = {name: [args for n, args in steps if n == name] for name in {n for n, _ in steps}}
-    assert values["ENTRYPOINT"] == ['["/usr/local/bin/finetune-entrypoint"]']
+    assert values["ENTRYPOINT"] == ['["/usr/bin/tini", "--", "/usr/local/bin/finetune-entrypoint"]']
     assert values["CMD"] == ['["run"]']
     assert values["STOPSIGNAL"] == ["SIGTERM"]
-    # The default target is the last stage; it must be the non-root runtime stage.
     stages = [args for name, args in steps if name == "FROM"]
-    assert stages[-1].split()[0] == "runtime" and "AS runtime" in stages[0]
-    runtime_users = [args for name, args in steps[: steps.index(("FROM", stages[1]))] if name == "USER"]
+    runtime = next(args for args in stages if args.endswith("AS runtime"))
+    # torch's wheel brings CUDA: the runtime base is plain Debian, not a CUDA runtime image
+    assert runtime.startswith("debian:") and "-slim" in runtime
+    # The default target is the last stage; it must be the non-root runtime stage.
+    assert stages[-1].split()[0] == "runtime"
+    runtime_steps = steps[steps.index(("FROM", runtime)):steps.index(("FROM", "runtime AS sagemaker"))]
+    runtime_users = [args for name, args in runtime_steps if name == "USER"]
     assert runtime_users and not runtime_users[-1].startswith(("root", "0"))
     entrypoint_copy = " docker/entrypoint.sh /usr/local/bin/finetune-entrypoint"
     assert any(args.endswith(entrypoint_copy) for args in values["COPY"])
-    assert "HF_HOME=/cache/huggingface" in " ".join(values["ENV"])
+    env = " ".join(values["ENV"])
+    for setting in ("HF_HOME=/cache/huggingface", "FINETUNE_CACHE_DIR=/cache/finetune", "NVIDIA_VISIBLE_DEVICES=all",
+                    "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+                    "FINETUNE_MODEL_ATTN_IMPLEMENTATION=flash_attention_2"):
+        assert setting in env, setting
+    runs = " ".join(values["RUN"])
+    assert "--require-hashes -r /src/requirements/image.txt" in runs, "dependencies come from the lock"
+    assert "tini=" in runs and "flash_attn-*.whl" in runs and "import job.platforms.sagemaker, flash_attn" in runs
+
+
+def test_image_env_reaches_the_job_settings():
+    """What the Dockerfile sets is what the job reads: its cache root, and the attention implementation that
+    makes `packing: auto` pack padding-free."""
+    from job.config import load_config
+    from job.settings import cache_root
+
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for n, a in _instructions(DOCKERFILE.read_text()) if n == "ENV")))
+    old = {name: os.environ.get(name) for name in env}
+    try:
+        os.environ.update(env)
+        assert cache_root() == Path("/cache/finetune")
+        assert load_config("gemma-2b-it-qlora").model.attn_implementation == "flash_attention_2"
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_transformers_accepts_the_image_attention_and_packs_with_it():
+    """flash_attention_2 is a name transformers 5 knows (flash-attn's varlen kernels: padding-free packing)."""
+    from transformers.modeling_flash_attention_utils import FLASH_ATTN_KERNEL_FALLBACK
+    from transformers.utils.generic import is_flash_attention_requested
+
+    assert "flash_attention_2" in FLASH_ATTN_KERNEL_FALLBACK
+    assert is_flash_attention_requested(requested_attention_implementation="flash_attention_2")
+    assert not is_flash_attention_requested(requested_attention_implementation="sdpa")
 
 
 def test_copied_context_files_exist_and_are_not_dockerignored():
@@ -96,6 +134,8 @@ def fake_bin(tmp_path: Path) -> Path:
     ("args", "expected"),
     [
         (["train"], "python -m job.platforms.sagemaker"),
+        (["train", "--config", "gemma-2b-it-qlora"], "finetune train --config gemma-2b-it-qlora"),
+        (["train", "--help"], "finetune train --help"),
         (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
          "finetune run --config gemma-2b-it-qlora --resume auto"),
         (["presets"], "finetune presets"),
@@ -112,73 +152,103 @@ def test_entrypoint_routes_and_execs(fake_bin: Path, shell: str, args: list[str]
     assert int(pid) == proc.pid, "the entrypoint must exec (PID 1 must be the Python process)"
 
 
-# --- Kubernetes ---------------------------------------------------------------------------------------------
+def _real_entrypoint(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The entrypoint with the real `python` and `finetune` of this environment first on PATH."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env={**os.environ, **env, "PATH": path},
+                          capture_output=True, text=True, timeout=60)
 
 
-def _load(path: Path) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+def test_real_entrypoint_train_alone_runs_the_sagemaker_contract(tmp_path: Path):
+    root = tmp_path / "ml"
+    (root / "input" / "config").mkdir(parents=True)
+    (root / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"max_steps": "3"}))
+    result = _real_entrypoint(["train"], {"SM_ROOT": str(root), "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr
+    assert "did you mean training.max_steps" in (root / "output" / "failure").read_text()
 
 
-def _jobs() -> list[dict]:
-    return [doc for path in MANIFESTS for doc in _load(path) if doc["kind"] == "Job"]
+def test_real_entrypoint_train_with_arguments_is_finetune_train(tmp_path: Path):
+    result = _real_entrypoint(["train", "--config", "no-such-preset"], {"SM_ROOT": str(tmp_path / "ml"),
+                                                                       "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown preset 'no-such-preset'")
+    assert not (tmp_path / "ml").exists(), "finetune train must not touch the SageMaker paths"
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_manifest_validates(path: Path, version: str):
-    from kubernetes_validate import utils
-
-    version = utils.latest_version() if version == "latest" else version
-    for resource in _load(path):
-        utils.validate(resource, version, strict=True)
+# --- Makefile and lock files --------------------------------------------------------------------------------
 
 
-def test_manifests_present():
-    names = {path.name for path in MANIFESTS}
-    assert {"job-qlora.yaml", "secret-example.yaml"} <= names
+def _make(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *args], capture_output=True,
+                          text=True, timeout=60)
 
 
-def test_qlora_job_failure_policy_and_pod():
-    (job,) = _load(K8S / "job-qlora.yaml")
-    pod = job["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    actions: dict[int, str] = {}
-    condition_actions = {}
-    for rule in job["spec"]["podFailurePolicy"]["rules"]:
-        if "onExitCodes" in rule:
-            assert rule["onExitCodes"]["operator"] == "In"
-            assert rule["onExitCodes"]["containerName"] == container["name"]
-            actions.update(dict.fromkeys(rule["onExitCodes"]["values"], rule["action"]))
-        for condition in rule.get("onPodConditions", []):
-            condition_actions[condition["type"]] = rule["action"]
-    assert actions == {2: "FailJob", 3: "FailJob", 75: "Ignore"}
-    assert condition_actions == {"DisruptionTarget": "Ignore"}
-    assert pod["restartPolicy"] == "Never"
-    assert pod["terminationGracePeriodSeconds"] >= 120
-    assert container["args"] == ["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    env = {item["name"]: item for item in container["env"]}
-    assert env["FINETUNE_OUTPUT_URI"]["value"].startswith("s3://")
-    assert env["FINETUNE_TRAINING_CHECKPOINT_URI"]["value"].startswith("s3://")
-    assert "fieldRef" in env["FINETUNE_OUTPUT_RUN_ID"]["valueFrom"], "retried pods must share the run id"
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
-    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
+def _help_targets() -> list[str]:
+    result = _make("help")
+    assert result.returncode == 0, result.stderr
+    return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
-def test_jobs_use_secret_keys_that_the_example_defines():
-    (secret,) = _load(K8S / "secret-example.yaml")
-    for job in _jobs():
-        pod = job["spec"]["template"]["spec"]
-        if "podFailurePolicy" in job["spec"]:
-            assert pod["restartPolicy"] == "Never"
-        for container in pod["containers"]:
-            for item in container.get("env", []):
-                ref = item.get("valueFrom", {}).get("secretKeyRef")
-                if ref:
-                    assert ref["name"] == secret["metadata"]["name"]
-                    assert ref["key"] in secret["stringData"]
-    assert all("REPLACE_ME" in value for value in secret["stringData"].values())
+def test_every_makefile_target_has_a_help_line():
+    rules = set(re.findall(r"^([a-zA-Z0-9_-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
+    assert rules == set(_help_targets())
+    assert {"image", "push", "run-local", "k8s-submit", "k8s-logs", "k8s-delete", "sagemaker-submit", "pull",
+            "lock"} <= rules
+
+
+@pytest.mark.parametrize("target", _help_targets())
+def test_make_dry_run_works(target: str):
+    result = _make("-n", target, "RUN=s3://bucket/runs/r1", "ROLE=arn:aws:iam::123456789012:role/sm")
+    assert result.returncode == 0, result.stderr
+
+
+def test_make_targets_use_version_tag_and_settings():
+    version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert f"registry.example.com/finetune-job:{version}" in _make("-n", "image").stdout
+    assert "docker push ghcr.io/me/finetune-job:dev" in _make("-n", "push", "REGISTRY=ghcr.io/me", "TAG=dev").stdout
+    run_local = _make("-n", "run-local", "ENV_FILE=my.env").stdout
+    assert "--gpus all" in run_local and "--env-file my.env" in run_local and "finetune-cache:/cache" in run_local
+    assert "--dry-run" in _make("-n", "sagemaker-submit", "DRY_RUN=1").stdout
+    assert "--dry-run" not in _make("-n", "sagemaker-submit").stdout
+    assert 'artifacts pull "s3://b/r/1"' in _make("-n", "pull", "RUN=s3://b/r/1").stdout
+    assert "kubectl apply" in _make("-n", "k8s-submit", "OVERLAY=multi-node").stdout
+    install = _make("-n", "-B", "install", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126").stdout
+    assert '--index-url "https://download.pytorch.org/whl/cu126" "torch==' in install
+    assert "--require-hashes -r requirements/dev.txt" in install
+
+
+def _locked(path: Path) -> dict[str, str]:
+    return {name.lower(): version for name, version in
+            re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", path.read_text(), re.MULTILINE)}
+
+
+def test_lock_files_are_hash_pinned_and_leave_torch_out():
+    image, dev = _locked(REPO / "requirements" / "image.txt"), _locked(REPO / "requirements" / "dev.txt")
+    for path in ("image.txt", "dev.txt"):
+        text = (REPO / "requirements" / path).read_text()
+        pinned = r"^[A-Za-z0-9_.-]+==\S+ \\\n((?:\s+--hash=sha256:[0-9a-f]{64}\s*\\?\n?)+)"
+        entries = re.findall(pinned, text, re.MULTILINE)
+        assert len(entries) == len(_locked(REPO / "requirements" / path)) > 50, path
+    assert "torch" not in image and "torch" not in dev and "triton" not in image
+    assert {"transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "einops"} <= set(image)
+    assert {"pytest", "moto", "kubernetes-validate", "jsonschema", "uv"} <= set(dev)
+    shared = set(image) & set(dev)
+    assert {name for name in shared if image[name] != dev[name]} == set(), "image and dev must agree"
+
+
+def test_installed_environment_matches_the_dev_lock():
+    from importlib import metadata
+
+    mismatched = {}
+    for name, version in _locked(REPO / "requirements" / "dev.txt").items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != version and name not in {"setuptools", "uv"}:
+            mismatched[name] = (version, installed)
+    assert mismatched == {}, "run `make install` (or `make lock` after changing pyproject.toml)"
 
 
 # --- SageMaker ----------------------------------------------------------------------------------------------
@@ -212,9 +282,8 @@ def test_build_cli_args_maps_hyperparameters_and_channels(tmp_path: Path):
     assert args[:3] == ["run", "--config", "gemma-2b-it-lora"]
     assert args[-2:] == ["--resume", "auto"]
     assert _sets(args) == [
-        f"output.uri={root / 'model'}",
+        f"output.uri={root / 'checkpoints'}",
         "output.run_id=finetune-2026-11-29-16-03-00-123",
-        f"training.checkpoint_uri={root / 'checkpoints'}",
         f"data.source={root / 'input' / 'data' / 'train'}",
         f"model.name={root / 'input' / 'data' / 'model'}",
         "evaluation.compare_base=false",
@@ -226,11 +295,7 @@ def test_build_cli_args_defaults(tmp_path: Path):
     root = _sm_root(tmp_path)  # no hyperparameters file, no channels, no job name
     args = sagemaker.build_cli_args(root, {})
     assert "--config" not in args  # FINETUNE_CONFIG or the CLI's default preset applies
-    assert _sets(args) == [
-        f"output.uri={root / 'model'}",
-        "output.run_id=sagemaker",
-        f"training.checkpoint_uri={root / 'checkpoints'}",
-    ]
+    assert _sets(args) == [f"output.uri={root / 'checkpoints'}", "output.run_id=sagemaker"]
 
 
 def test_build_cli_args_values_round_trip_through_yaml(tmp_path: Path):
@@ -276,6 +341,16 @@ FAKE_CLI = """\
 import json, os, signal, sys, time
 from pathlib import Path
 Path(os.environ["FAKE_ARGS"]).write_text(json.dumps(sys.argv[1:]))
+sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and a.startswith(("output.", "training.")))
+if os.environ.get("FAKE_EXIT") == "0":  # a finished run, published in place as the pipeline does
+    from job.storage.publish import build_manifest, publish_run
+    run = Path(sets["output.uri"]) / sets["output.run_id"]
+    for rel in ("adapter/adapter_model.safetensors", "eval/report.md", "checkpoints/checkpoint-2/optimizer.pt",
+                "checkpoints/checkpoint-2/trainer_state.json"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(rel)
+    manifest = build_manifest(run, config={}, status="completed", started_at="t0", ended_at="t1", metrics=None)
+    publish_run(run, str(run), manifest)
 if os.environ.get("FAKE_WAIT_FOR_SIGTERM"):
     def stop(signum, frame):
         print("saving checkpoint", file=sys.stderr)
@@ -309,7 +384,15 @@ def test_main_runs_cli_and_succeeds(tmp_path: Path, fake_cli, monkeypatch: pytes
     assert sagemaker.main(root=root, environ=environ, command=command) == 0
     assert json.loads(args_file.read_text()) == sagemaker.build_cli_args(root, environ)
     assert not (root / "output" / "failure").exists()
-    assert (root / "model").is_dir() and (root / "checkpoints").is_dir()
+    model = root / "model" / "job-1"
+    files = {p.relative_to(model).as_posix() for p in model.rglob("*") if p.is_file()}
+    assert files == {"adapter/adapter_model.safetensors", "eval/report.md", "manifest.json"}, "no checkpoints"
+    assert (root / "checkpoints" / "job-1" / "checkpoints" / "checkpoint-2" / "optimizer.pt").is_file()
+
+    args_file.unlink()  # a managed-spot restart after the run finished: nothing is trained again
+    shutil.rmtree(model)
+    assert sagemaker.main(root=root, environ=environ, command=command) == 0
+    assert not args_file.exists() and (model / "manifest.json").is_file()
 
 
 def test_main_writes_failure_and_propagates_exit_code(tmp_path: Path, fake_cli, monkeypatch):
@@ -362,11 +445,79 @@ def test_failure_reason_falls_back_to_last_line_and_redacts_env_secrets():
     assert sagemaker.failure_reason(b"", 137, {}) == "finetune exited with code 137"
 
 
-def test_estimator_example_does_not_import_sagemaker_at_module_level():
-    tree = ast.parse((REPO / "infra" / "sagemaker" / "estimator_example.py").read_text())
-    top_level = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    names = {alias.name for node in top_level for alias in node.names} | {
-        node.module for node in top_level if isinstance(node, ast.ImportFrom)
-    }
-    assert not any(name and name.split(".")[0] == "sagemaker" for name in names)
-    assert "Estimator(" in ast.unparse(tree)
+SUBMIT = REPO / "infra" / "sagemaker" / "submit.py"
+ROLE = "arn:aws:iam::123456789012:role/SageMakerExecutionRole"
+
+
+def _submit_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sagemaker_submit", SUBMIT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _create_training_job_errors(request: dict) -> str:
+    """botocore's own validation of a CreateTrainingJob request against the sagemaker service model ('' = ok);
+    nothing is sent."""
+    import botocore.session
+    from botocore.validate import ParamValidator
+
+    shape = botocore.session.get_session().get_service_model("sagemaker").operation_model(
+        "CreateTrainingJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    return report.generate_report() if report.has_errors() else ""
+
+
+def test_sagemaker_request_validates_against_botocore_service_model(tmp_path: Path):
+    submit = _submit_module()
+    request = submit.build_request(
+        image="123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-job:0.1.0-sagemaker", role=ROLE,
+        bucket="my-bucket", job_name="finetune-20261202-063300", hyperparameters={"training.max_steps": 500},
+        instance_count=2, train_data="s3://my-bucket/data/", environment={"HF_TOKEN": "hf_x"},
+    )
+    assert _create_training_job_errors(request) == ""
+    assert request["EnableManagedSpotTraining"] is True
+    assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
+    assert request["CheckpointConfig"] == {"S3Uri": "s3://my-bucket/finetune/checkpoints/finetune-20261202-063300",
+                                           "LocalPath": "/opt/ml/checkpoints"}
+    assert request["HyperParameters"] == {"config": "gemma-2b-it-qlora", "training.max_steps": "500"}
+    # the validator can say no: a number where SageMaker wants a string, a missing required field
+    wrong = {**request, "HyperParameters": {"training.max_steps": 500}}
+    assert "HyperParameters.training.max_steps" in _create_training_job_errors(wrong)
+    assert "RoleArn" in _create_training_job_errors({k: v for k, v in request.items() if k != "RoleArn"})
+    # what the container reads back: every hyperparameter maps to a --set the CLI accepts
+    root = _sm_root(tmp_path, request["HyperParameters"])
+    assert "training.max_steps=500" in _sets(sagemaker.build_cli_args(root, {}))
+
+
+def test_sagemaker_submit_dry_run_prints_the_request_without_sending(tmp_path: Path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_TOKEN": "hf_" + "s3cr3t" * 6,
+           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "sagemaker-submit", "DRY_RUN=1",
+                             f"ROLE={ROLE}", "SM_ARGS=--instance-count 2 --set training.max_steps=50",
+                             f"BIN={Path(sys.executable).parent}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    request = json.loads(result.stdout[result.stdout.index("{"):])
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    assert request["HyperParameters"]["training.max_steps"] == "50"
+    assert request["Environment"] == {"HF_TOKEN": "***"} and "s3cr3t" not in result.stdout
+    assert request["AlgorithmSpecification"]["TrainingImage"].endswith("finetune-job:0.1.0-sagemaker")
+    request["Environment"]["HF_TOKEN"] = "hf_x"
+    assert _create_training_job_errors(request) == ""
+
+
+def test_sagemaker_submit_rejects_a_bad_role_with_exit_2():
+    result = subprocess.run([sys.executable, str(SUBMIT), "--image", "x", "--role", "", "--bucket", "b",
+                             "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expected an IAM role ARN" in result.stderr
+
+
+def test_submit_example_does_not_need_the_sagemaker_sdk():
+    tree = ast.parse(SUBMIT.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                             if isinstance(node, ast.ImportFrom) and node.module}
+    assert "sagemaker" not in imported and "boto3" in imported

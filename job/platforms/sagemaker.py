@@ -3,9 +3,14 @@
 - `/opt/ml/input/config/hyperparameters.json` (values are strings): `config` -> `--config`, each
   `section.key` -> `--set section.key=value`; keys the SDK adds (`sagemaker_*`) are skipped, others rejected.
 - Input channels `/opt/ml/input/data/<channel>`: `train` -> `data.source`, `model` -> `model.name`.
-- The run goes to `/opt/ml/model/<TRAINING_JOB_NAME>/` (SageMaker uploads it as model.tar.gz); checkpoints
-  to `/opt/ml/checkpoints`, which SageMaker syncs with `checkpoint_s3_uri` so managed spot resumes
-  (`--resume auto`).
+- The run folder is `/opt/ml/checkpoints/<TRAINING_JOB_NAME>/`, which SageMaker syncs with `checkpoint_s3_uri`
+  and restores when managed spot restarts the job, so `--resume auto` continues from its trainer checkpoints
+  (written once, nowhere else). When the run is complete, the first host copies the published run (the files
+  its manifest lists: adapter, reports, logs, config; no checkpoints) to `/opt/ml/model/<TRAINING_JOB_NAME>/`,
+  which SageMaker uploads as model.tar.gz.
+- Several hosts (`/opt/ml/input/config/resourceconfig.json`) or GPUs: torchrun (job.platforms.launch) with one
+  process per GPU, `--nnodes` = hosts, node rank = the host's place in `hosts`, so rank 0 is on the first
+  host, which alone publishes; the rendezvous is the first host on port 29500 (`FINETUNE_MASTER_PORT`).
 - The CLI runs as a child process that gets SIGTERM/SIGINT forwarded; on failure the last error line of its
   stderr, with secrets redacted, goes to `/opt/ml/output/failure` (SageMaker's FailureReason) and its exit
   code is this process's exit code.
@@ -23,6 +28,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import EXIT_UNEXPECTED, ConfigError, JobError, MissingInputError
@@ -32,6 +38,7 @@ CLI_COMMAND: tuple[str, ...] = (sys.executable, "-m", "job")
 """What runs the CLI; the arguments from `build_cli_args` are appended."""
 CHANNEL_FIELDS = {"train": "data.source", "model": "model.name"}
 SDK_KEY_PREFIX = "sagemaker_"
+MASTER_PORT = 29500
 FAILURE_MAX_CHARS = 1000  # SageMaker keeps the first 1024 characters of the failure file
 _STDERR_TAIL_BYTES = 64 * 1024
 
@@ -132,9 +139,8 @@ def build_cli_args(root: Path, environ: Mapping[str, str]) -> list[str]:
         args += ["--config", config]
 
     overrides = [
-        f"output.uri={_quoted(str(root / 'model'))}",
-        f"output.run_id={_quoted(environ.get('TRAINING_JOB_NAME') or 'sagemaker')}",
-        f"training.checkpoint_uri={_quoted(str(root / 'checkpoints'))}",
+        f"output.uri={_quoted(str(root / 'checkpoints'))}",
+        f"output.run_id={_quoted(job_name(environ))}",
     ]
     channels = _channel_dirs(root)
     if "train" in channels:
@@ -160,6 +166,86 @@ def build_cli_args(root: Path, environ: Mapping[str, str]) -> list[str]:
     for item in overrides:
         args += ["--set", item]
     return [*args, "--resume", "auto"]
+
+
+def job_name(environ: Mapping[str, str]) -> str:
+    return environ.get("TRAINING_JOB_NAME") or "sagemaker"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The training job's hosts, from resourceconfig.json (one host `algo-1` when the file is absent)."""
+
+    hosts: tuple[str, ...]
+    current_host: str
+    network_interface: str | None = None
+
+    @property
+    def node_rank(self) -> int:
+        return self.hosts.index(self.current_host)
+
+    @property
+    def is_first(self) -> bool:
+        return self.node_rank == 0
+
+
+def read_cluster(root: Path) -> Cluster:
+    path = root / "input" / "config" / "resourceconfig.json"
+    if not path.is_file():
+        return Cluster(hosts=("algo-1",), current_host="algo-1")
+    try:
+        data = json.loads(path.read_text())
+        hosts = tuple(str(host) for host in data["hosts"])
+        current = str(data["current_host"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: cannot read hosts/current_host ({exc.__class__.__name__})") from None
+    if current not in hosts:
+        raise ConfigError(f"{path}: current_host {current!r} is not one of hosts {list(hosts)}")
+    return Cluster(hosts=hosts, current_host=current, network_interface=data.get("network_interface_name"))
+
+
+def gpu_count(environ: Mapping[str, str]) -> int:
+    """GPUs of this instance: `SM_NUM_GPUS` when set, else what torch sees."""
+    if environ.get("SM_NUM_GPUS", "").strip():
+        try:
+            return max(int(environ["SM_NUM_GPUS"]), 0)
+        except ValueError:
+            raise ConfigError(f"SM_NUM_GPUS={environ['SM_NUM_GPUS']!r}: expected a number") from None
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def launch_command(cluster: Cluster, gpus: int, environ: Mapping[str, str]) -> list[str]:
+    """What runs the CLI on this host: the CLI itself for one process, else torchrun (job.platforms.launch,
+    which keeps the exit codes) with one process per GPU and a static rendezvous on the first host."""
+    nproc = max(gpus, 1)
+    if len(cluster.hosts) == 1 and nproc == 1:
+        return list(CLI_COMMAND)
+    port = environ.get("FINETUNE_MASTER_PORT") or str(MASTER_PORT)
+    return [
+        sys.executable, "-m", "job.platforms.launch",
+        f"--nnodes={len(cluster.hosts)}", f"--node-rank={cluster.node_rank}", f"--nproc-per-node={nproc}",
+        f"--master-addr={cluster.hosts[0]}", f"--master-port={port}",
+        "-m", "job",
+    ]
+
+
+def launch_environment(cluster: Cluster, environ: Mapping[str, str]) -> dict[str, str]:
+    """What the CLI's environment adds to this process's: NCCL and gloo use SageMaker's network interface."""
+    if not cluster.network_interface or len(cluster.hosts) == 1:
+        return {}
+    return {name: environ.get(name) or cluster.network_interface
+            for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")}
+
+
+def publish_model(root: Path, environ: Mapping[str, str]) -> Path:
+    """Copy the finished run from /opt/ml/checkpoints/<job> to /opt/ml/model/<job>: exactly the files its
+    manifest lists, each verified, and no checkpoints (they stay in the checkpoint prefix)."""
+    from job.storage.artifacts import pull_run
+
+    name = job_name(environ)
+    return pull_run(str(root / "checkpoints" / name), root / "model" / name)
 
 
 def unused_channels(root: Path) -> list[str]:
@@ -205,8 +291,9 @@ def _write_failure(root: Path, reason: str) -> None:
         print(f"sagemaker: cannot write {root / 'output' / 'failure'} ({exc.strerror})", file=sys.stderr)
 
 
-def _run_forwarding_signals(cmd: Sequence[str]) -> tuple[int, bytes]:
-    """Run `cmd`, forwarding SIGTERM/SIGINT and teeing stderr; its exit code (128+N if killed by signal N)."""
+def _run_forwarding_signals(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    """Run `cmd` (with `env` added to the environment), forwarding SIGTERM/SIGINT and teeing stderr; its exit
+    code (128+N if killed by signal N)."""
     state: dict[str, object] = {"proc": None, "pending": []}
 
     def forward(signum: int, _frame: object) -> None:
@@ -226,7 +313,8 @@ def _run_forwarding_signals(cmd: Sequence[str]) -> tuple[int, bytes]:
     out = getattr(sys.stderr, "buffer", None)
     try:
         # Own session: a terminal's Ctrl-C reaches the CLI once (forwarded), not twice.
-        proc = subprocess.Popen(list(cmd), stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(list(cmd), stderr=subprocess.PIPE, start_new_session=True,
+                                env=None if not env else {**os.environ, **env})
         state["proc"] = proc
         for signum in state["pending"]:
             proc.send_signal(signum)
@@ -251,28 +339,50 @@ def main(
     environ: Mapping[str, str] | None = None,
     command: Sequence[str] | None = None,
 ) -> int:
-    """Run the training job as SageMaker expects; returns the exit code (the CLI's on failure)."""
+    """Run the training job as SageMaker expects; returns the exit code (the CLI's on failure). `command`
+    replaces the launch command (tests)."""
     environ = os.environ if environ is None else environ
     root = sagemaker_root(environ) if root is None else root
     try:
         args = build_cli_args(root, environ)
+        cluster = read_cluster(root)
         _prepare_dirs(root)
+        launcher = list(command) if command is not None else launch_command(cluster, gpu_count(environ), environ)
     except JobError as exc:
         _write_failure(root, f"exit {exc.exit_code}: {redact(str(exc), environ)}"[:FAILURE_MAX_CHARS])
         return exc.exit_code
     for name in unused_channels(root):
         print(f"sagemaker: warning: input channel {name!r} is unused (known: train, model)", file=sys.stderr)
 
-    cmd = [*(CLI_COMMAND if command is None else command), *args]
-    print(f"sagemaker: finetune {' '.join(args)}", file=sys.stderr, flush=True)
+    finished = (root / "checkpoints" / job_name(environ) / "manifest.json").is_file()
+    if finished:  # a restarted job whose run completed: only the copy to /opt/ml/model is left
+        print("sagemaker: the run is complete (restored from the checkpoint prefix); not training again",
+              file=sys.stderr, flush=True)
+    else:
+        cmd = [*launcher, *args]
+        print(f"sagemaker: host {cluster.current_host} ({cluster.node_rank + 1} of {len(cluster.hosts)}): "
+              f"{' '.join(cmd)}", file=sys.stderr, flush=True)
+        try:
+            code, tail = _run_forwarding_signals(cmd, launch_environment(cluster, environ))
+        except OSError as exc:
+            _write_failure(root, f"exit {EXIT_UNEXPECTED}: cannot start {cmd[0]} ({exc.strerror})")
+            return EXIT_UNEXPECTED
+        if code != 0:
+            _write_failure(root, failure_reason(tail, code, environ))
+            return code
+    if not cluster.is_first:
+        return 0  # rank 0 runs on the first host, which alone publishes
+    if "output.uri" in read_hyperparameters(root):
+        print("sagemaker: output.uri was set by a hyperparameter: the run was published there, not to "
+              "/opt/ml/model", file=sys.stderr, flush=True)
+        return 0
     try:
-        code, tail = _run_forwarding_signals(cmd)
-    except OSError as exc:
-        _write_failure(root, f"exit {EXIT_UNEXPECTED}: cannot start {cmd[0]} ({exc.strerror})")
-        return EXIT_UNEXPECTED
-    if code != 0:
-        _write_failure(root, failure_reason(tail, code, environ))
-    return code
+        model = publish_model(root, environ)
+    except JobError as exc:
+        _write_failure(root, f"exit {exc.exit_code}: {redact(str(exc), environ)}"[:FAILURE_MAX_CHARS])
+        return exc.exit_code
+    print(f"sagemaker: published {model} (uploaded as model.tar.gz)", file=sys.stderr, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

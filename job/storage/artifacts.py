@@ -1,15 +1,22 @@
-"""Finding published runs and pulling one down with every file checked against its manifest."""
+"""Finding published runs and pulling one down with every file checked against its manifest.
+
+A pull fetches the published run (adapter, reports, logs, data, config); the trainer checkpoints, which carry
+optimizer state, only with `with_checkpoints`. It also understands a SageMaker training job's output: the
+`model.tar.gz` that SageMaker made of /opt/ml/model, which holds the run folder.
+"""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from job.errors import JobError, MissingInputError
 from job.storage import objects as storage
-from job.storage.publish import MANIFEST, read_manifest, same_run
+from job.storage.publish import CHECKPOINTS_DIR, MANIFEST, read_manifest, same_run
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +44,21 @@ def list_runs(uri: str) -> list[dict[str, Any]]:
     return runs
 
 
-def pull_run(run_uri: str, dest: Path) -> Path:
+SAGEMAKER_ARCHIVE = "model.tar.gz"
+
+
+def pull_run(run_uri: str, dest: Path, *, with_checkpoints: bool = False) -> Path:
     """Download the run at `run_uri` into `dest`, verifying each file's sha256 against the manifest, which is
-    written last. Refuses an incomplete run, and a non-empty `dest` unless it holds (part of) the same run,
-    in which case only missing or differing files are fetched. Returns `dest`."""
+    written last. With `with_checkpoints`, also the checkpoints the manifest lists, into `dest/checkpoints/`.
+    Refuses an incomplete run, and a non-empty `dest` unless it holds (part of) the same run, in which case
+    only missing or differing files are fetched. `run_uri` may also be a SageMaker `model.tar.gz` (or the
+    training job's output folder holding it). Returns `dest`."""
     run_uri = run_uri.rstrip("/")
+    if run_uri.endswith(".tar.gz") or (
+        not storage.exists(storage.join(run_uri, MANIFEST)) and storage.exists(storage.join(run_uri, SAGEMAKER_ARCHIVE))
+    ):
+        archive = run_uri if run_uri.endswith(".tar.gz") else storage.join(run_uri, SAGEMAKER_ARCHIVE)
+        return _pull_archive(archive, dest, with_checkpoints=with_checkpoints)
     manifest = read_manifest(storage.join(run_uri, MANIFEST))
     if manifest is None:
         if storage.exists(run_uri):
@@ -55,10 +72,20 @@ def pull_run(run_uri: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     storage.write_json(str(dest / PARTIAL_MANIFEST), manifest)
 
-    expected = {entry["path"]: entry for entry in manifest["files"]}
+    fetched = _fetch_verified(run_uri, dest, manifest["files"])
+    if with_checkpoints:
+        fetched += _fetch_checkpoints(run_uri, dest, manifest)
+    shutil.move(dest / PARTIAL_MANIFEST, dest / MANIFEST)
+    logger.info("pulled run %s into %s (%d files downloaded)", manifest.get("run_id"), dest, fetched)
+    return dest
+
+
+def _fetch_verified(src_uri: str, dest: Path, entries: list[dict[str, Any]]) -> int:
+    """Download the entries (path, size, sha256) from folder `src_uri` that `dest` lacks; check every sha256."""
+    expected = {entry["path"]: entry for entry in entries}
     todo = [rel for rel, entry in expected.items() if not _verified(dest / rel, entry)]
     if todo:
-        storage.download_dir(run_uri, dest, files=todo)
+        storage.download_dir(src_uri, dest, files=todo)
     for rel in todo:
         path = dest / rel
         actual = storage.sha256_file(path)
@@ -66,13 +93,42 @@ def pull_run(run_uri: str, dest: Path) -> Path:
             path.unlink()
             want = expected[rel]["sha256"]
             raise JobError(
-                f"{storage.join(run_uri, rel)}: checksum mismatch (manifest sha256 {want[:16]}…, downloaded "
+                f"{storage.join(src_uri, rel)}: checksum mismatch (manifest sha256 {want[:16]}…, downloaded "
                 f"{actual[:16]}…); the stored copy is corrupt"
             )
-    shutil.move(dest / PARTIAL_MANIFEST, dest / MANIFEST)
-    logger.info("pulled run %s into %s (%d files downloaded, %d already there)", manifest.get("run_id"), dest,
-                len(todo), len(expected) - len(todo))
-    return dest
+    return len(todo)
+
+
+def _fetch_checkpoints(run_uri: str, dest: Path, manifest: dict[str, Any]) -> int:
+    checkpoints = manifest.get("checkpoints")
+    if not isinstance(checkpoints, dict) or not checkpoints.get("files"):
+        raise MissingInputError(f"{run_uri}: the manifest lists no checkpoints to pull")
+    source = checkpoints.get("uri") or storage.join(run_uri, CHECKPOINTS_DIR)
+    try:
+        return _fetch_verified(source, dest / CHECKPOINTS_DIR, checkpoints["files"])
+    except storage.NotFound as exc:
+        raise MissingInputError(f"checkpoints of run {manifest.get('run_id')!r} are gone from {source} ({exc})"
+                                ) from None
+
+
+def _pull_archive(archive_uri: str, dest: Path, *, with_checkpoints: bool) -> Path:
+    """A SageMaker model.tar.gz: download, unpack safely into a temporary folder, and pull the run folder inside
+    it (the one holding manifest.json) into `dest` with the same checks as a bucket pull."""
+    with tempfile.TemporaryDirectory(prefix="finetune-pull-") as tmp:
+        local = storage.download_file(archive_uri, Path(tmp) / SAGEMAKER_ARCHIVE) if storage.is_remote(
+            archive_uri) else storage.local_path(archive_uri)
+        if not local.is_file():
+            raise MissingInputError(f"{archive_uri}: no such archive")
+        unpacked = Path(tmp) / "unpacked"
+        try:
+            with tarfile.open(local, "r:gz") as tar:
+                tar.extractall(unpacked, filter="data")  # refuses absolute paths, '..', devices, outside links
+        except (tarfile.TarError, OSError) as exc:
+            raise JobError(f"{archive_uri}: cannot unpack ({type(exc).__name__}: {exc})") from None
+        runs = sorted(path.parent for path in unpacked.rglob(MANIFEST))
+        if len(runs) != 1:
+            raise MissingInputError(f"{archive_uri}: expected one run (one {MANIFEST}) inside, found {len(runs)}")
+        return pull_run(str(runs[0]), dest, with_checkpoints=with_checkpoints)
 
 
 def _verified(path: Path, entry: dict[str, Any]) -> bool:

@@ -346,6 +346,37 @@ def remove(uri: str) -> None:
         client().delete_object(Bucket=bucket, Key=key)
 
 
+def remove_files(uri: str, rels: Iterable[str]) -> int:
+    """Delete files (relative paths) under folder `uri`, in batches of 1000 for S3. Returns how many."""
+    rels = sorted(set(rels))
+    if not is_remote(uri):
+        root = local_path(uri)
+        for rel in rels:
+            _safe_join(root, rel).unlink(missing_ok=True)
+        return len(rels)
+    bucket, key = split_s3(uri)
+    prefix = _folder_key(key)
+    with _s3_errors(uri):
+        for start in range(0, len(rels), 1000):
+            batch = [{"Key": prefix + rel} for rel in rels[start:start + 1000]]
+            result = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            if result.get("Errors"):
+                error = result["Errors"][0]
+                raise JobError(f"{join(uri, error['Key'][len(prefix):])}: delete failed ({error.get('Code')}); "
+                               f"{len(result['Errors'])} of {len(batch)} objects not deleted")
+    return len(rels)
+
+
+def remove_tree(uri: str) -> int:
+    """Delete a folder / every object under a prefix (nothing if it does not exist). Returns how many files."""
+    if not is_remote(uri):
+        root = local_path(uri)
+        count = len(_walk(root)) if root.is_dir() else 0
+        shutil.rmtree(root, ignore_errors=True)
+        return count
+    return remove_files(uri, _list_objects(uri))
+
+
 # transfers
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from job.config import JobConfig
 from job.errors import ConfigError
 from job.settings import CONFIG_FILE, MANIFEST, cache_root
-from job.storage.objects import is_remote
+from job.storage.objects import is_remote, join
+from job.storage.publish import begin_overwrite, resume_overwrite
 
 
 def config_hash(cfg: JobConfig) -> str:
@@ -90,12 +91,14 @@ def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
         run_id = _latest_unfinished(root, cfg)
     run_id = run_id or new_run_id(cfg)
     folder = RunFolder(run_id=run_id, path=root / run_id)
+    destination = join(cfg.output.uri, run_id)
+    resumes_overwrite = overwrite and resume != "never" and resume_overwrite(folder.path, destination)
     if not overwrite and _published_remotely(cfg, run_id):
         raise ConfigError(
             f"run {cfg.output.uri.rstrip('/')}/{run_id} is finished (has {MANIFEST}); pass --overwrite to replace it"
         )
     if folder.path.exists() and any(folder.path.iterdir()):
-        if overwrite:
+        if overwrite and not resumes_overwrite:
             shutil.rmtree(folder.path)
         elif folder.finished and resume == "auto" and is_remote(cfg.output.uri):
             return folder  # finished here, but its publish never completed: the pipeline publishes it again
@@ -109,5 +112,8 @@ def open_run_folder(cfg: JobConfig, resume: str, overwrite: bool) -> RunFolder:
                 "or --overwrite to start over"
             )
     folder.path.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resumes_overwrite:  # a retry of the same --overwrite command resumes from here
+        mirrored = join(destination, "checkpoints") if is_remote(destination) else None  # the pipeline's default
+        begin_overwrite(folder.path, destination, cfg.training.checkpoint_uri or mirrored)
     folder.save_config(cfg)
     return folder

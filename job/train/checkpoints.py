@@ -88,11 +88,37 @@ def _snapshot(src: Path, dest: Path) -> Path:
     return dest
 
 
+def prune_checkpoints(location: str, keep: int) -> list[str]:
+    """Delete all but the `keep` newest complete `checkpoint-N` folders under `location` (local or s3://), and
+    any incomplete one older than the oldest kept (a half-finished upload). Newer incomplete ones are left
+    alone: they may be uploads in flight. Each goes trainer_state.json first, so a half-deleted checkpoint never
+    counts as complete. Returns the names deleted."""
+    try:
+        names = storage.list_dirs(location)
+    except storage.NotFound:
+        return []
+    steps = sorted(((int(m.group(1)), n) for n in names if (m := _CHECKPOINT.fullmatch(n))), reverse=True)
+    complete = [(step, name) for step, name in steps if is_complete(storage.join(location, name))]
+    kept = complete[:keep]
+    if len(kept) < keep or not kept:
+        return []
+    oldest_kept = kept[-1][0]
+    doomed = [name for step, name in steps if step < oldest_kept]
+    for name in doomed:
+        folder = storage.join(location, name)
+        storage.remove(storage.join(folder, TRAINER_STATE))
+        storage.remove_tree(folder)
+    if doomed:
+        logger.info("checkpoint mirror: pruned %s from %s (save_total_limit %d)", ", ".join(doomed), location, keep)
+    return doomed
+
+
 class _Mirror:
     """Uploads each checkpoint the Trainer saves to `<checkpoint_uri>/checkpoint-<step>/` in a background
-    thread, trainer_state.json last. At most one upload is in flight: a save waits for the previous upload.
-    Only the world-process-zero uploads. Failures are logged when they happen and raised by `wait()`, which
-    `on_train_end` calls; call `wait()` yourself to flush on SIGTERM."""
+    thread, trainer_state.json last, then prunes the mirror to the Trainer's `save_total_limit` (the newest
+    complete checkpoints stay), as the Trainer does locally. At most one upload is in flight: a save waits for
+    the previous upload. Only the world-process-zero uploads. Failures are logged when they happen and raised
+    by `wait()`, which `on_train_end` calls; call `wait()` yourself to flush on SIGTERM."""
 
     def __init__(self, checkpoint_uri: str) -> None:
         self.checkpoint_uri = checkpoint_uri.rstrip("/")
@@ -110,7 +136,8 @@ class _Mirror:
             return
         snapshot = _snapshot(src, Path(args.output_dir) / SNAPSHOT_DIR / name)
         dest = storage.join(self.checkpoint_uri, name)
-        self._thread = threading.Thread(target=self._upload, args=(snapshot, dest), name=f"mirror-{name}")
+        keep = getattr(args, "save_total_limit", None)  # the Trainer rotates local checkpoints to the same
+        self._thread = threading.Thread(target=self._upload, args=(snapshot, dest, keep), name=f"mirror-{name}")
         self._thread.start()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -131,10 +158,12 @@ class _Mirror:
             self._thread.join()
             self._thread = None
 
-    def _upload(self, snapshot: Path, dest: str) -> None:
+    def _upload(self, snapshot: Path, dest: str, keep: int | None = None) -> None:
         try:
             storage.upload_dir(snapshot, dest, last=TRAINER_STATE)
             logger.info("checkpoint mirror: %s uploaded to %s", snapshot.name, dest)
+            if keep:
+                prune_checkpoints(self.checkpoint_uri, keep)
         except Exception as exc:
             logger.error("checkpoint mirror: upload of %s to %s failed: %s", snapshot.name, dest, exc)
             self._failures.append(f"{snapshot.name}: {exc}")
