@@ -21,8 +21,9 @@ CONTEXT = (
     " (4, 'Di', 2, 120.0);"
 )
 TIMEOUT = 0.5
-METRIC_KEYS = ["n_rows", "n_gold_failed", "n_scored", "execution_accuracy", "exact_match", "normalized_match",
-               "valid_sql_rate", "empty_rate", "runaway_rate"]
+METRIC_KEYS = ["n_rows", "n_gold_failed", "n_scored", "execution_accuracy", "execution_accuracy_single_db",
+               "exact_match", "normalized_match", "valid_sql_rate", "empty_rate", "runaway_rate", "n_gold_transpiled",
+               "n_context_transpiled", "n_pred_transpiled", "ci95"]
 
 
 def row(gold: str, row_id: object = 1, **extra: str) -> dict:
@@ -45,13 +46,16 @@ def test_gold_as_prediction_matches_every_runnable_row_of_the_shipped_sample(sam
     predictions = [{"id": r["id"], "sql": r["sql"], "stopped": True} for r in sample_rows]
     start = time.monotonic()
     metrics, records = score_predictions(sample_rows, predictions)
-    assert time.monotonic() - start < 30  # a few seconds normally; generous for a shared CI machine
-    assert list(metrics) == [*METRIC_KEYS, "by_complexity", "by_task_type", "by_domain"]
+    assert time.monotonic() - start < 90  # ~10 s on 2 free cores (see BENCHMARKS.md); generous for shared CI
+    assert list(metrics) == [*METRIC_KEYS, "test_suite", "fixed_now", "by_complexity", "by_task_type", "by_domain"]
     failed = [r for r in records if r["gold_error"]]
     assert metrics["n_rows"] == 400
-    assert metrics["n_gold_failed"] == len(failed) == 88  # PROVENANCE.md: 312 of 400 gold queries run
-    assert metrics["n_scored"] == 312
-    assert metrics["execution_accuracy"] == 1.0
+    # 312 of 400 gold queries run as written; sqlglot rewrites and MySQL-compatible functions recover 48 more;
+    # the 40 left name missing tables/columns, are ambiguous, invalid, or random (see the report's list)
+    assert metrics["n_gold_failed"] == len(failed) == 40
+    assert metrics["n_scored"] == 360 >= 0.9 * 400
+    assert metrics["n_gold_transpiled"] == sum(bool(r["gold_transpiled"]) for r in records) >= 40
+    assert metrics["execution_accuracy"] == metrics["execution_accuracy_single_db"] == 1.0
     assert metrics["exact_match"] == metrics["normalized_match"] == 1.0
     assert metrics["runaway_rate"] == 0.0 and metrics["empty_rate"] == 0.0
     assert all(r["exec_match"] is None for r in failed)
@@ -137,15 +141,15 @@ def test_dml_is_compared_by_resulting_table_contents() -> None:
 
 def test_gold_failures_are_counted_apart_and_listed() -> None:
     rows = [
-        row("SELECT YEAR(name) FROM emp", 1),
-        {**row("SELECT a FROM s.t", 2), "sql_context": "CREATE SCHEMA s; CREATE TABLE s.t (a INT);"},
+        row("SELECT NO_SUCH_FUNCTION(name) FROM emp", 1),
+        {**row("SELECT a FROM s.t", 2), "sql_context": "CREATE SCHEMA s; CREATE TABLE s.t (a INT, a INT);"},
         row("SELECT name FROM emp", 3),
     ]
     predictions = [{"id": i, "sql": "SELECT name FROM emp"} for i in (1, 2, 3)]
     metrics, records = score_predictions(rows, predictions, timeout_s=TIMEOUT)
     assert (metrics["n_rows"], metrics["n_gold_failed"], metrics["n_scored"]) == (3, 2, 1)
     assert metrics["execution_accuracy"] == 1.0
-    assert records[0]["gold_error"].startswith("gold:") and "YEAR" in records[0]["gold_error"]
+    assert records[0]["gold_error"].startswith("gold:") and "NO_SUCH_FUNCTION" in records[0]["gold_error"]
     assert records[1]["gold_error"].startswith("context:")
     assert [r["exec_match"] for r in records] == [None, None, True]
     assert metrics["valid_sql_rate"] == 2 / 3  # over all rows: the context of row 2 has no emp table

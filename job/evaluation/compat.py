@@ -17,6 +17,7 @@ import datetime as dt
 import functools
 import re
 import sqlite3
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -189,7 +190,7 @@ def _backtick_sqlite() -> Any:
 
     class BacktickSQLite(SQLite):
         class Tokenizer(SQLite.Tokenizer):
-            IDENTIFIERS = ["`"]
+            IDENTIFIERS: typing.ClassVar = ["`"]
 
     return BacktickSQLite
 
@@ -199,10 +200,7 @@ def fix_for_sqlite(expression: Any, now: str) -> Any:
     from sqlglot import exp
 
     def rewrite(node: Any) -> Any:
-        if isinstance(node, exp.Table):
-            node.set("db", None)
-            node.set("catalog", None)
-        elif isinstance(node, exp.Column) and node.args.get("db") is not None:
+        if isinstance(node, exp.Table) or (isinstance(node, exp.Column) and node.args.get("db") is not None):
             node.set("db", None)
             node.set("catalog", None)
         elif isinstance(node, exp.CurrentDate):

@@ -14,6 +14,7 @@ tells the gold apart from some neighbour. Each neighbour comes from one edit of 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import random
 import re
@@ -195,22 +196,26 @@ def neighbours(sql: str, *, limit: int = 40, seed: int = 0) -> list[tuple[str, s
 
 
 def _all_edits(tree: Any) -> Iterator[tuple[str, str]]:
+    """Each edit applied in place, printed, and undone (no copy of the whole tree per neighbour)."""
     positions = list(tree.walk())
     for kind, edit in _edits():
-        for index, node in enumerate(positions):
+        for node in positions:
             try:
                 replacement = edit(node)
             except (ValueError, TypeError, KeyError, AttributeError):
                 continue
             if replacement is None:
                 continue
-            copy = tree.copy()
-            target = list(copy.walk())[index]
-            try:
-                if target is copy:
-                    copy = replacement
-                else:
-                    target.replace(replacement)
-                yield kind, copy.sql(dialect="sqlite")
-            except (ValueError, TypeError, AttributeError):
+            if node is tree:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    yield kind, replacement.sql(dialect="sqlite")
                 continue
+            node.replace(replacement)
+            try:
+                text = replacement.root().sql(dialect="sqlite")
+            except (ValueError, TypeError, AttributeError):
+                text = None
+            finally:
+                replacement.replace(node)
+            if text is not None:
+                yield kind, text

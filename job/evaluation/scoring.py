@@ -26,21 +26,22 @@ Metric definitions (every rate is a fraction in [0, 1], or None when its denomin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from job.errors import JobError
 from job.evaluation.compat import qualify_equijoined, sqlite_rewrites
 from job.evaluation.confidence import bootstrap_interval
 from job.evaluation.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
-from job.evaluation.suites import Suite, distill, row_seed, run_on_copy
 from job.evaluation.sql_extract import extract_sql
+from job.evaluation.suites import Suite, distill, row_seed, run_on_copy
 
 HEADLINE_METRICS = (
     "execution_accuracy",
@@ -65,7 +66,7 @@ _FLOAT_DIGITS = 10
 class ScoringSettings:
     """How rows are scored: sandbox limits, the test suite (size 0 turns it off), seed, worker processes."""
 
-    limits: Limits = Limits()
+    limits: Limits = field(default_factory=Limits)
     test_suite_size: int = DEFAULT_SUITE_SIZE
     suite_candidates: int = DEFAULT_SUITE_CANDIDATES
     seed: int = 0
@@ -104,7 +105,7 @@ def score_models(
     """
     labels = list(predictions_by_label)
     indexed = {label: _index_predictions(rows, preds) for label, preds in predictions_by_label.items()}
-    per_row = [{label: indexed[label].get(_id_key(row.get("id"))) for label in labels} for row in rows]
+    per_row = [{label: indexed[label].get(id_key(row.get("id"))) for label in labels} for row in rows]
     workers = _worker_count(settings.workers, len(rows))
     if workers <= 1:
         results = [_score_row(row, preds, settings) for row, preds in zip(rows, per_row, strict=True)]
@@ -261,6 +262,13 @@ def gold_is_ordered(sql: str) -> bool:
 
 def normalize_sql(sql: str, schema: dict[str, dict[str, str]] | None = None) -> str | None:
     """Canonical text of `sql` via sqlglot (qualified against `schema` where possible); None if unparsable."""
+    key = tuple(sorted((t, tuple(sorted(c.items()))) for t, c in (schema or {}).items()))
+    return _normalize_cached(sql, key)
+
+
+@functools.lru_cache(maxsize=2048)
+def _normalize_cached(sql: str, schema_key: tuple) -> str | None:
+    schema = {table: dict(columns) for table, columns in schema_key}
     import sqlglot
     from sqlglot.optimizer.normalize import normalize
     from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
@@ -442,10 +450,10 @@ def _deltas(base: dict, tuned: dict) -> dict[str, float | None]:
 
 
 def _index_predictions(rows: list[dict], predictions: list[dict]) -> dict[str, dict]:
-    known = {_id_key(row.get("id")) for row in rows}
+    known = {id_key(row.get("id")) for row in rows}
     by_id: dict[str, dict] = {}
     for prediction in predictions:
-        key = _id_key(prediction.get("id"))
+        key = id_key(prediction.get("id"))
         if key not in known:
             raise JobError(f"prediction for id {prediction.get('id')!r} matches no evaluation row")
         if key in by_id:
@@ -454,7 +462,7 @@ def _index_predictions(rows: list[dict], predictions: list[dict]) -> dict[str, d
     return by_id
 
 
-def _id_key(value: object) -> str:
+def id_key(value: object) -> str:
     """5, 5.0, "5" and " 5 " are one id; other values compare as stripped strings."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -501,3 +509,17 @@ def _distinct_choices(candidates: list[list[int]], chosen: tuple[int, ...]) -> I
     for option in candidates[len(chosen)]:
         if option not in chosen:
             yield from _distinct_choices(candidates, (*chosen, option))
+
+
+def compare_paired(base_records: list[dict], tuned_records: list[dict]) -> dict[str, dict]:
+    """tuned vs base on the rows both scored: exact McNemar test and paired-bootstrap interval, per accuracy."""
+    from job.evaluation.confidence import paired_comparison
+
+    base_by_id = {id_key(r.get("id")): r for r in base_records if r["gold_error"] is None}
+    pairs = [(base_by_id[id_key(r.get("id"))], r) for r in tuned_records
+             if r["gold_error"] is None and id_key(r.get("id")) in base_by_id]
+    fields = {"execution_accuracy": "exec_match", "execution_accuracy_single_db": "exec_match_single_db"}
+    return {
+        metric: paired_comparison([bool(b.get(field)) for b, _ in pairs], [bool(t.get(field)) for _, t in pairs])
+        for metric, field in fields.items()
+    }

@@ -170,7 +170,7 @@ class ValuePools:
         # Integer id-like columns (id, dept_id, DeptID) share one pool, so joins across differently named keys match.
         id_like = sorted(n for n, k in self.kinds.items() if k == "int" and _ID_LIKE.search(n))
         if len(id_like) > 1:
-            self.pools[ID_POOL] = _distinct([v for n in id_like for v in self.pools[n]][:40] + [1, 2, 3, 4])
+            self.pools[ID_POOL] = _distinct([*[v for n in id_like for v in self.pools[n]][:40], 1, 2, 3, 4])
             self.focus[ID_POOL] = _distinct([v for n in id_like for v in self.focus[n]])
             for name in id_like:
                 self.aliases[name] = ID_POOL
