@@ -96,11 +96,14 @@ def score_file(
     return metrics
 
 
-def run_rows(run_uri: str) -> tuple[JobConfig, list[dict[str, Any]], list[dict[str, Any]]]:
+def run_rows(
+    run_uri: str, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[JobConfig, list[dict[str, Any]], list[dict[str, Any]]]:
     """(the run's config, its evaluation rows in recorded order, its training rows) for `evaluate --run`.
 
     The evaluation rows are exactly `data/eval_ids.json` of the run; the training rows are the run's train split
-    recomputed from its saved config (deterministic), which the adapter may have seen.
+    recomputed from its saved config (deterministic), which the adapter may have seen. `overrides` (--set) apply
+    on top of the saved config.
     """
     from job.config import load_config
     from job.data.sources import load_splits
@@ -122,7 +125,7 @@ def run_rows(run_uri: str) -> tuple[JobConfig, list[dict[str, Any]], list[dict[s
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / CONFIG_FILE
         config_path.write_text(config_text)
-        cfg = load_config(str(config_path), [], environ={})
+        cfg = load_config(str(config_path), list(overrides), environ={})
     splits = load_splits(cfg.data)
     by_id = {_key(row["id"]): row for row in [*splits.eval, *splits.train]}
     missing = [i for i in eval_ids if _key(i) not in by_id]
