@@ -97,7 +97,7 @@ class EvaluationConfig(_Section):
     top_domains: int = Field(10, ge=1)
     test_suite_size: int = Field(8, ge=0)
     """Most extra databases per row in its test suite (execution accuracy must hold on all); 0 turns suites off."""
-    suite_candidates: int = Field(32, ge=1)
+    suite_candidates: int = Field(64, ge=1)
     """Candidate databases generated per row while distilling its suite (the budget)."""
     seed: int = 0
     """Seeds every row's suite (with the row id), so suites are identical across runs."""

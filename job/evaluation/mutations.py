@@ -53,7 +53,7 @@ def _edits() -> list[tuple[str, Edit]]:
 
     def number(delta: int) -> Edit:
         def edit(node: Any) -> Any | None:
-            if not isinstance(node, exp.Literal) or node.is_string:
+            if not isinstance(node, exp.Literal) or node.is_string or node.find_ancestor(exp.DataType):
                 return None
             try:
                 value = float(node.this)
@@ -65,8 +65,8 @@ def _edits() -> list[tuple[str, Edit]]:
         return edit
 
     def string(node: Any) -> Any | None:
-        if not isinstance(node, exp.Literal) or not node.is_string or isinstance(node.parent, exp.Interval):
-            return None
+        if not isinstance(node, exp.Literal) or not node.is_string or isinstance(node.parent, (exp.Interval, exp.Func)):
+            return None  # a function's argument (a date format, a modifier) is not a value to get wrong
         if _ISO_DATE.match(node.this):  # a date one day later, not a string no date equals
             try:
                 later = dt.date.fromisoformat(node.this[:10]) + dt.timedelta(days=1)
@@ -99,8 +99,8 @@ def _edits() -> list[tuple[str, Edit]]:
 
     def add_distinct(node: Any) -> Any | None:
         if not isinstance(node, exp.Select) or node.args.get("distinct") or node.args.get("group") \
-                or _one_row(node):
-            return None  # DISTINCT over GROUP BY keys, or over one row, changes nothing
+                or _one_row(node) or node.find(exp.Window):
+            return None  # DISTINCT over GROUP BY keys, one row, or numbered rows changes nothing
         return node.copy().distinct()
 
     def add_limit(node: Any) -> Any | None:
@@ -175,8 +175,8 @@ def neighbours(sql: str, *, limit: int = 40, seed: int = 0) -> list[tuple[str, s
             tree = sqlglot.parse_one(sql, read="sqlite")
     except (sqlglot.errors.SqlglotError, ValueError):
         return []
-    if tree is None or isinstance(tree, sqlglot.exp.Command):
-        return []
+    if tree is None or isinstance(tree, (sqlglot.exp.Command, sqlglot.exp.Create, sqlglot.exp.Drop)):
+        return []  # DDL: its neighbours (a wider VARCHAR, ...) mostly mean the same
     with quiet_sqlglot():
         original = tree.sql(dialect="sqlite")
         found: dict[str, str] = {}

@@ -54,7 +54,7 @@ HEADLINE_METRICS = (
 )
 BREAKDOWNS = {"by_complexity": "sql_complexity", "by_task_type": "sql_task_type", "by_domain": "domain"}
 DEFAULT_SUITE_SIZE = 8
-DEFAULT_SUITE_CANDIDATES = 32
+DEFAULT_SUITE_CANDIDATES = 64
 _MIN_ROWS_PER_WORKER = 24
 _AMBIGUOUS = re.compile(r"OperationalError: ambiguous column name: (?:\w+\.)?(\w+)")
 _RANDOM = re.compile(r"\b(rand|random|randomblob|newid|uuid)\s*\(", re.I)

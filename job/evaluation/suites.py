@@ -25,7 +25,10 @@ from typing import Any
 
 from job.evaluation.sandbox import ContextDB, Limits, QueryResult, SandboxDB, quiet_sqlglot, quote_identifier
 
-_ROW_COUNTS = (0, 1, 2, 3, 3, 4, 5, 6, 8, 12)
+_ROW_COUNTS = (0, 1, 2, 3, 3, 4, 5, 6, 8, 12, 20)
+_SUBPOOL_SIZES = (1, 2, 2, 3, 4, 6, 10)
+_FOCUS_BIAS = (0.0, 0.35, 0.9)
+"""Per database, how often a filtered column holds only a value its filter selects (0.9: nearly all rows pass)."""
 _EXTRA = {
     "int": [0, 1, 2, 3, 5, 10, 100],
     "real": [0.0, 1.5, 2.25, 10.0, 99.99],
@@ -178,13 +181,13 @@ class ValuePools:
     def key(self, name: str) -> str:
         return self.aliases.get(name, name)
 
-    def subpool(self, name: str, rng: random.Random) -> list[Any]:
+    def subpool(self, name: str, rng: random.Random, focus_bias: float) -> list[Any]:
         """A small pool for one column in one database: repeats make GROUP BY, DISTINCT and ties matter."""
         pool, focus = self.pools.get(name) or [None], self.focus.get(name) or []
         draw = rng.random()
-        if focus and draw < 0.35:
+        if focus and draw < focus_bias:
             return [rng.choice(focus)]  # every row passes this column's filter
-        chosen = rng.sample(pool, min(len(pool), rng.choice((1, 2, 2, 3, 4, 6))))
+        chosen = rng.sample(pool, min(len(pool), rng.choice(_SUBPOOL_SIZES)))
         if focus and draw < 0.8:
             chosen.append(rng.choice(focus))
         return chosen
@@ -327,6 +330,7 @@ def random_database(
     db = context.fresh()
     try:
         subpools: dict[str, list[Any]] = {}
+        focus_bias = rng.choice(_FOCUS_BIAS)
         for table in tables:
             name = quote_identifier(table.name)
             db.conn.execute(f"DELETE FROM {name}")
@@ -343,11 +347,13 @@ def random_database(
                     if column.key:
                         row.append(rng.choice(pools.pools.get(key) or [None]))
                         continue
-                    pool = subpools.setdefault(key, pools.subpool(key, rng))
+                    if key not in subpools:
+                        subpools[key] = pools.subpool(key, rng, focus_bias)
+                    pool = subpools[key]
                     row.append(rng.choice(pool))
                 rows.append(tuple(row))
-            if rows and rng.random() < 0.3:
-                rows.append(rng.choice(rows))  # a duplicate row, so DISTINCT matters
+            if rows and rng.random() < 0.5:
+                rows += rng.choices(rows, k=rng.choice((1, 2)))  # duplicate rows, so DISTINCT matters
             columns = ", ".join(quote_identifier(c.name) for c in table.columns)
             marks = ", ".join("?" for _ in table.columns)
             try:
