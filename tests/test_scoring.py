@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from job.errors import JobError
-from job.evaluation.scoring import compare_metrics, gold_is_ordered, rows_match, score_predictions
+from job.evaluation.scoring import ScoringSettings, compare_metrics, gold_is_ordered, rows_match, score_predictions
 from job.settings import shipped_sample
 
 CONTEXT = (
@@ -45,8 +45,9 @@ def sample_rows() -> list[dict]:
 def test_gold_as_prediction_matches_every_runnable_row_of_the_shipped_sample(sample_rows) -> None:
     predictions = [{"id": r["id"], "sql": r["sql"], "stopped": True} for r in sample_rows]
     start = time.monotonic()
-    metrics, records = score_predictions(sample_rows, predictions)
-    assert time.monotonic() - start < 90  # ~10 s on 2 free cores (see BENCHMARKS.md); generous for shared CI
+    # single-DB here (test suites: tests/test_suites.py): which golds run does not depend on the suite
+    metrics, records = score_predictions(sample_rows, predictions, settings=ScoringSettings(test_suite_size=0))
+    assert time.monotonic() - start < 60  # a few seconds normally; generous for a shared CI machine
     assert list(metrics) == [*METRIC_KEYS, "test_suite", "fixed_now", "by_complexity", "by_task_type", "by_domain"]
     failed = [r for r in records if r["gold_error"]]
     assert metrics["n_rows"] == 400
