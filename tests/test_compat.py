@@ -82,7 +82,7 @@ def test_the_fixed_now_is_configurable_and_sqlite_clock_functions_never_read_the
                           ("2021-06-30 08:00:00", [("2021-06-30", "2021-06-30 08:00:00")])):
         built = build_context("CREATE TABLE t (a INT);", Limits(fixed_now=now))
         try:
-            _, result, text, rewritten = _run_gold(built, "SELECT CURRENT_DATE, datetime('now')")
+            _, result, _, rewritten = _run_gold(built, "SELECT CURRENT_DATE, datetime('now')")
         finally:
             built.close()
         assert result.rows == expected and rewritten

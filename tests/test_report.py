@@ -61,7 +61,8 @@ def test_writes_metrics_markdown_and_self_contained_html(scored, tmp_path) -> No
     assert re.search(r"\| Execution accuracy \(test suite\) \| 33\.3% \[[\d.]+–[\d.]+\] \| 66\.7% \[[\d.]+–[\d.]+\] "
                      r"\| \+33\.3 pp \(McNemar p = 1\) \|", markdown)
     assert "| Execution accuracy (single DB) | 33.3%" in markdown
-    assert re.search(r"\| Runaway \(no stop\) \| 33\.3% \[[\d.]+–[\d.]+\] \| 0\.0% \[0\.0–0\.0\] \| -33\.3 pp \|", markdown)
+    assert re.search(r"\| Runaway \(no stop\) \| 33\.3% \[[\d.]+–[\d.]+\] \| 0\.0% \[0\.0–0\.0\] \| -33\.3 pp \|",
+                     markdown)
     assert "is within noise on these 3 rows" in markdown
     assert "the suite rejects" in markdown and "Now\" is fixed at 2024-01-15 12:00:00" in markdown
     assert "gold SQL does not run in SQLite" in markdown and "base: 1, tuned: 1" in markdown

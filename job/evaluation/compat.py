@@ -204,10 +204,7 @@ def fix_for_sqlite(expression: Any, now: str) -> Any:
     from sqlglot import exp
 
     def names_and_clock(node: Any) -> Any:
-        if isinstance(node, exp.Table):
-            node.set("db", None)
-            node.set("catalog", None)
-        elif isinstance(node, exp.Column) and node.args.get("db") is not None:
+        if isinstance(node, exp.Table) or (isinstance(node, exp.Column) and node.args.get("db") is not None):
             node.set("db", None)
             node.set("catalog", None)
         elif isinstance(node, exp.CurrentDate):
