@@ -74,8 +74,6 @@ def test_gold_as_prediction_matches_every_runnable_row_of_the_shipped_sample(sam
          "WHERE d.name = 'Sales'"),
         ("SELECT e.name FROM emp e JOIN dept d ON e.dept_id = d.id WHERE d.name = 'Ops'",
          "SELECT emp.name FROM dept INNER JOIN emp ON dept.id = emp.dept_id WHERE dept.name = 'Ops';"),
-        ("SELECT name FROM emp WHERE dept_id IN (SELECT id FROM dept WHERE name = 'Sales')",
-         "SELECT e.name FROM emp e JOIN dept d ON e.dept_id = d.id WHERE d.name = 'Sales'"),
         ("SELECT d.name, COUNT(*) FROM emp e JOIN dept d ON e.dept_id = d.id GROUP BY d.name",
          "```sql\nSELECT COUNT(e.id) AS n, d.name FROM dept d JOIN emp e ON d.id = e.dept_id GROUP BY 2\n```"
          "\nThis counts employees per department."),
@@ -85,6 +83,17 @@ def test_gold_as_prediction_matches_every_runnable_row_of_the_shipped_sample(sam
 )
 def test_equivalent_rewrites_match(gold: str, pred: str) -> None:
     assert matches(gold, pred) is True
+
+
+def test_join_equals_in_subquery_only_when_the_joined_key_is_unique() -> None:
+    gold = "SELECT name FROM emp WHERE dept_id IN (SELECT id FROM dept WHERE name = 'Sales')"
+    pred = "SELECT e.name FROM emp e JOIN dept d ON e.dept_id = d.id WHERE d.name = 'Sales'"
+    keyed = CONTEXT.replace("CREATE TABLE dept (id INT, name TEXT)", "CREATE TABLE dept (id INT PRIMARY KEY, name TEXT)")
+    _, records = score_predictions([row(gold, 1), {**row(gold, 2), "sql_context": keyed}],
+                                   [{"id": 1, "sql": pred}, {"id": 2, "sql": pred}])
+    # without a key, a suite database with two 'Sales' rows of one id makes the join repeat names
+    assert [r["exec_match_single_db"] for r in records] == [True, True]
+    assert [r["exec_match"] for r in records] == [False, True]
 
 
 @pytest.mark.parametrize(
