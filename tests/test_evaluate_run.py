@@ -100,7 +100,7 @@ def test_evaluate_rows_scores_every_row_of_a_file_without_a_split(capsys, tmp_pa
     rows = [json.loads(line) for line in sample_path.read_text().splitlines()[:3]]
     path = tmp_path / "three.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out, err = run_cli(
+    code, _, err = run_cli(
         capsys, "evaluate", "--config", "gemma-2b-it-lora", "--base-only", "--rows", str(path),
         *sets(f"model.name={tiny_model}", *SMALL), "--output", str(tmp_path / "out"),
     )
@@ -134,7 +134,7 @@ def test_in_memory_model_predicts_exactly_like_loading_base_then_adapter(tmp_pat
         disk = (tmp_path / "disk" / label / "predictions.jsonl").read_text()
         memory = (tmp_path / "memory" / label / "predictions.jsonl").read_text()
         assert [json.loads(x)["raw"] for x in memory.splitlines()] == [json.loads(x)["raw"] for x in disk.splitlines()]
-    base = [json.loads(x)["raw"] for x in (tmp_path / "memory" / "base" / "predictions.jsonl").read_text().splitlines()]
-    tuned = [json.loads(x)["raw"] for x in (tmp_path / "memory" / "tuned" / "predictions.jsonl").read_text().splitlines()]
+    base, tuned = ([json.loads(x)["raw"] for x in (tmp_path / "memory" / label / "predictions.jsonl").read_text()
+                    .splitlines()] for label in ("base", "tuned"))
     assert base != tuned  # the adapter changes the answers, so "base" really ran without it
     assert from_disk["base"]["n_rows"] == in_memory["base"]["n_rows"] == 4

@@ -88,7 +88,7 @@ def test_equivalent_rewrites_match(gold: str, pred: str) -> None:
 def test_join_equals_in_subquery_only_when_the_joined_key_is_unique() -> None:
     gold = "SELECT name FROM emp WHERE dept_id IN (SELECT id FROM dept WHERE name = 'Sales')"
     pred = "SELECT e.name FROM emp e JOIN dept d ON e.dept_id = d.id WHERE d.name = 'Sales'"
-    keyed = CONTEXT.replace("CREATE TABLE dept (id INT, name TEXT)", "CREATE TABLE dept (id INT PRIMARY KEY, name TEXT)")
+    keyed = CONTEXT.replace("dept (id INT, name TEXT)", "dept (id INT PRIMARY KEY, name TEXT)")
     _, records = score_predictions([row(gold, 1), {**row(gold, 2), "sql_context": keyed}],
                                    [{"id": 1, "sql": pred}, {"id": 2, "sql": pred}])
     # without a key, a suite database with two 'Sales' rows of one id makes the join repeat names
