@@ -150,7 +150,36 @@ def mentions_now(sql: str) -> bool:
 
 
 def sqlite_rewrites(sql: str, now: str, *, as_written: bool = True) -> Iterator[tuple[str, bool]]:
-    """(SQLite text, rewritten?) candidates for `sql`, best first, each distinct.
+    """(SQLite text, rewritten?) candidates for `sql`, best first, each distinct; computed lazily and memoized
+    (a gold and a prediction are often the same text, and rescoring repeats them)."""
+    return iter(_memoized_rewrites(sql, now, as_written))
+
+
+class _Memo:
+    """A generator's items, produced once on demand and replayed to every later reader."""
+
+    def __init__(self, items: Iterator[tuple[str, bool]]) -> None:
+        self._items, self._seen = items, []
+
+    def __iter__(self) -> Iterator[tuple[str, bool]]:
+        index = 0
+        while True:
+            if index == len(self._seen):
+                try:
+                    self._seen.append(next(self._items))
+                except StopIteration:
+                    return
+            yield self._seen[index]
+            index += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _memoized_rewrites(sql: str, now: str, as_written: bool) -> _Memo:
+    return _Memo(_rewrites(sql, now, as_written=as_written))
+
+
+def _rewrites(sql: str, now: str, *, as_written: bool = True) -> Iterator[tuple[str, bool]]:
+    """See `sqlite_rewrites`.
 
     As written comes first, except that SQL mentioning the current date or time is always pinned to `now`
     (SQLite's own `CURRENT_DATE` reads the clock). Then one candidate per source dialect (`SOURCE_DIALECTS`),
