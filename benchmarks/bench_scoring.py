@@ -50,9 +50,10 @@ def _child(mode: str) -> dict[str, Any]:
     out: dict[str, Any] = {"seconds": seconds, "rows": len(rows), "n_scored": metrics["n_scored"],
                            "gold_accuracy": metrics["execution_accuracy"], "test_suite": metrics["test_suite"]}
     if mode == "suite":
+        tables = [(r["id"], _first_table(r["sql_context"])) for r in rows]
         constants = {
-            "empty": [{"id": r["id"], "sql": f"SELECT * FROM {_first_table(r['sql_context'])} WHERE 1=0"} for r in rows],
-            "star": [{"id": r["id"], "sql": f"SELECT * FROM {_first_table(r['sql_context'])}"} for r in rows],
+            "empty": [{"id": i, "sql": f"SELECT * FROM {table} WHERE 1=0"} for i, table in tables],
+            "star": [{"id": i, "sql": f"SELECT * FROM {table}"} for i, table in tables],
         }
         for label, (m, _) in score_models(rows, constants, settings).items():
             out[label] = {k: m[k] for k in ("execution_accuracy", "execution_accuracy_single_db", "ci95")}
