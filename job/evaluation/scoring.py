@@ -3,15 +3,21 @@
 Metric definitions (every rate is a fraction in [0, 1], or None when its denominator is 0):
 
 - `n_rows`: rows scored; a row without a prediction counts as an empty prediction.
-- `n_gold_failed`: rows whose context cannot be fully built or whose gold SQL fails on it in SQLite. They are
-  listed in the per-row records with `gold_error` and left out of `execution_accuracy` only.
-- `n_scored` = `n_rows - n_gold_failed`.
-- `execution_accuracy` (over `n_scored`): gold and prediction, each run on its own fresh database built from
-  the context, give the same result. Results are multisets of rows compared up to a column permutation
+- `n_gold_failed`: rows whose context cannot be fully built or whose gold SQL fails on it in SQLite, even after
+  the rewrites of `job.evaluation.compat` (other dialects, MySQL functions, a fixed "now", schema prefixes), or
+  whose gold is not deterministic (RANDOM()). They are listed in the per-row records with `gold_error` and left
+  out of both execution accuracies only.
+- `n_scored` = `n_rows - n_gold_failed`; `n_gold_transpiled`, `n_context_transpiled`, `n_pred_transpiled` count the
+  rows whose gold, context or prediction only ran after a rewrite (flagged per row).
+- `execution_accuracy_single_db` (over `n_scored`): gold and prediction, each run on its own fresh database built
+  from the context, give the same result. Results are multisets of rows compared up to a column permutation
   (column names ignored, Spider test-suite style); row order counts only when the gold's last statement has a
   top-level ORDER BY; floats agree to 10 significant digits and 3.0 equals 3. When the gold's last statement
   returns no result set (INSERT/UPDATE/DELETE/DDL), the contents of every table and view afterwards are
   compared instead (column names and order count there, row order does not).
+- `execution_accuracy` (over `n_scored`): test-suite accuracy, the single-DB match and the same match on every
+  database of the row's distilled suite (`job.evaluation.suites`; none when `test_suite_size` is 0).
+- `ci95`: a 95% bootstrap interval for every rate; `test_suite`: the suite's power on the gold's own neighbours.
 - `exact_match` (over `n_rows`): equal after lower-casing, collapsing whitespace and dropping trailing `;`.
 - `normalized_match` (over `n_rows`): equal after sqlglot parses both (SQLite dialect, then its default
   dialect), qualifies columns against the context's schema where it can, normalizes and simplifies boolean
