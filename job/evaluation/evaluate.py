@@ -54,6 +54,9 @@ def read_rows(source: str) -> list[dict[str, Any]]:
     """Every valid row of a dataset file/folder/URI (all its splits, in order), for `--rows`: no split needed."""
     from job.data.sources import SplitReport, check_source, load_source, validate_rows
 
+    local = Path(source.removeprefix("file://")).expanduser()
+    if not source.startswith("s3://") and not local.exists():
+        raise MissingInputError(f"--rows {source}: no such file or folder")
     check_source(source)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
