@@ -138,3 +138,18 @@ def test_in_memory_model_predicts_exactly_like_loading_base_then_adapter(tmp_pat
                     .splitlines()] for label in ("base", "tuned"))
     assert base != tuned  # the adapter changes the answers, so "base" really ran without it
     assert from_disk["base"]["n_rows"] == in_memory["base"]["n_rows"] == 4
+
+
+def test_evaluate_to_a_bucket_publishes_every_file_then_the_manifest(capsys, tmp_path, tiny_model, sample_path,
+                                                                     s3_bucket, s3_client) -> None:
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(line + "\n" for line in sample_path.read_text().splitlines()[:2]))
+    output = f"s3://{s3_bucket}/evals/e2"
+    code, _, err = run_cli(capsys, "evaluate", "--config", "gemma-2b-it-lora", "--base-only", "--rows", str(path),
+                           *sets(f"model.name={tiny_model}", *SMALL), "--output", output)
+    assert code == 0, err
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="evals/e2/")["Contents"]
+    keys = {item["Key"].removeprefix("evals/e2/") for item in listed}
+    manifest = json.loads(s3_client.get_object(Bucket=s3_bucket, Key="evals/e2/manifest.json")["Body"].read())
+    assert {f["path"] for f in manifest["files"]} | {"manifest.json"} == keys
+    assert manifest["metrics"]["base"]["n_rows"] == 2
