@@ -1,11 +1,12 @@
 """`make bench`: every figure measured against its baseline in the same run, written to BENCHMARKS.md.
 
-Usage: python benchmarks/run_all.py [--reuse-demo] [--only=quality,training,eval,startup]
+Usage: python benchmarks/run_all.py [--reuse-demo] [--only=quality,training,eval,startup,scoring]
 
 1. Quality: SmolLM2-135M-Instruct before vs after fine-tuning (the demo run), execution accuracy and runaway rate.
 2. Training efficiency: the job's trainer vs a plain trl `SFTTrainer` with default settings, same model, rows, steps.
 3. Evaluation speed: the job's batched generation vs one-at-a-time `generate`, predictions checked identical.
 4. Start-up and data: `finetune --help` vs importing torch+transformers; the data stage vs a naive tokenization.
+5. Scoring: the test-suite scorer vs the single-database scorer on the shipped rows (bench_scoring.py).
 """
 
 from __future__ import annotations
@@ -198,6 +199,23 @@ def _pp(x: float) -> str:
     return f"{x * 100:+.1f} pp"
 
 
+def _ci(m: dict, key: str) -> str:
+    low_high = (m.get("ci95") or {}).get(key)
+    return f" [{low_high[0]:.1%}–{low_high[1]:.1%}]" if low_high else ""
+
+
+def _p(tuned: dict, key: str) -> str:
+    paired = ((tuned.get("vs_base") or {}).get(key)) or {}
+    return f" (McNemar p = {paired['p_value']:.2g})" if paired.get("p_value") is not None else ""
+
+
+def _noise(tuned: dict) -> str:
+    """The paired test in words and the test suite's power (from the evaluation's metrics)."""
+    from job.evaluation.report import noise_statements, suite_statement
+
+    return "\n\n".join([*noise_statements({"tuned": tuned}), suite_statement(tuned)])
+
+
 def write_markdown(q: dict, t: dict, e: dict, s: dict, path: Path) -> None:
     base, tuned = q["metrics"]["base"], q["metrics"]["tuned"]
     job, bl, packed = t["job"], t["baseline"], t["job_packed"]
@@ -215,10 +233,13 @@ whole run {q['wall_s'] / 60:.1f} min including both evaluations.
 
 | | base | tuned | delta |
 |---|---|---|---|
-| execution accuracy (of {tuned['n_scored']} rows whose gold runs) | {_pct(base['execution_accuracy'])} | {_pct(tuned['execution_accuracy'])} | {_pp(tuned['execution_accuracy'] - base['execution_accuracy'])} |
+| execution accuracy, test suite (of {tuned['n_scored']} rows whose gold runs; 95% CI) | {_pct(base['execution_accuracy'])}{_ci(base, 'execution_accuracy')} | {_pct(tuned['execution_accuracy'])}{_ci(tuned, 'execution_accuracy')} | {_pp(tuned['execution_accuracy'] - base['execution_accuracy'])}{_p(tuned, 'execution_accuracy')} |
+| execution accuracy, single DB (95% CI) | {_pct(base.get('execution_accuracy_single_db'))}{_ci(base, 'execution_accuracy_single_db')} | {_pct(tuned.get('execution_accuracy_single_db'))}{_ci(tuned, 'execution_accuracy_single_db')} | {_pp(tuned['execution_accuracy_single_db'] - base['execution_accuracy_single_db'])}{_p(tuned, 'execution_accuracy_single_db')} |
 | exact match | {_pct(base['exact_match'])} | {_pct(tuned['exact_match'])} | {_pp(tuned['exact_match'] - base['exact_match'])} |
 | valid SQL | {_pct(base['valid_sql_rate'])} | {_pct(tuned['valid_sql_rate'])} | {_pp(tuned['valid_sql_rate'] - base['valid_sql_rate'])} |
 | runaway (no stop within max_new_tokens) | {_pct(base.get('runaway_rate'))} | {_pct(tuned.get('runaway_rate'))} | {_pp(tuned['runaway_rate'] - base['runaway_rate'])} |
+
+{_noise(tuned)}
 
 ## 2. Training efficiency: the job vs a plain trl `SFTTrainer` with default settings
 
@@ -273,9 +294,18 @@ def main() -> None:
         results["eval"] = evaluation_speed(results["quality"]["adapter"])
     if not only or "startup" in only:
         results["startup"] = startup_and_data()
+    if not only or "scoring" in only:
+        import bench_scoring
+
+        results["scoring"] = bench_scoring.run()
     saved.write_text(json.dumps(results, indent=2))
     previous = (ROOT / "BENCHMARKS.md").read_text() if (ROOT / "BENCHMARKS.md").is_file() else ""
     write_markdown(results["quality"], results["training"], results["eval"], results["startup"], ROOT / "BENCHMARKS.md")
+    if "scoring" in results:
+        import bench_scoring
+
+        with (ROOT / "BENCHMARKS.md").open("a") as fh:
+            fh.write("\n" + bench_scoring.markdown(results["scoring"]))
     from gpu_report import kept_section, splice_section  # the GPU figures come from `make gpu-check`: keep them
 
     if gpu_section := kept_section(previous):

@@ -128,49 +128,98 @@ def run(
 @_config_options
 @click.option("--adapter", help="Adapter folder or s3:// URI to evaluate on top of the base model.")
 @click.option("--base-only", is_flag=True, help="Evaluate the base model alone.")
-@click.option("--output", required=True, help="Folder or s3:// URI for predictions, metrics.json and the reports.")
+@click.option("--run", "run_uri", metavar="PATH_OR_URI",
+              help="A finished run: its adapter on exactly its recorded eval rows (data/eval_ids.json), with its "
+                   "config (plus --set).")
+@click.option("--rows", "rows_source", metavar="FILE_OR_URI",
+              help="Evaluate every row of this dataset file (no split); with --run, rows it trained on are refused.")
+@click.option("--compare-base", is_flag=True, help="With --adapter or --run, also evaluate the base model.")
+@click.option("--output", required=True, help="Folder or s3:// URI: files first, manifest.json last.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
 def evaluate(
-    config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, output: str, overwrite: bool
+    config_name: str, overrides: tuple[str, ...], adapter: str | None, base_only: bool, run_uri: str | None,
+    rows_source: str | None, compare_base: bool, output: str, overwrite: bool,
 ) -> None:
-    """Generate SQL for the held-out rows, execute it in a sandbox, and score it."""
+    """Generate SQL for held-out rows, execute it in a sandbox on each row's test suite, and score it."""
+    from job.evaluation.evaluate import evaluate_models, read_rows, refuse_trained_rows, run_rows
+
+    if sum(map(bool, (adapter, base_only, run_uri))) != 1:
+        raise ConfigError("give exactly one of --adapter PATH_OR_URI, --base-only and --run PATH_OR_URI")
+    if compare_base and base_only:
+        raise ConfigError("--compare-base needs --adapter or --run")
+    _refuse_existing_results(output, overwrite)
+    rows = None
+    if run_uri:
+        cfg, rows, trained = run_rows(run_uri, overrides)
+        adapter = f"{run_uri.rstrip('/')}/adapter"
+        rows = read_rows(rows_source) if rows_source else rows
+        refuse_trained_rows(rows, trained, f"--rows {rows_source}" if rows_source else f"--run {run_uri}")
+    else:
+        cfg = _load(config_name, overrides)
+        rows = read_rows(rows_source) if rows_source else None
+    started = _now()
+    metrics = _publish_results(
+        cfg, output, overwrite, started,
+        lambda local: evaluate_models(cfg, local, adapter=adapter, compare_base=compare_base, rows=rows),
+    )
+    _echo_metrics(metrics)
+    click.echo(f"wrote {output}")
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _publish_results(cfg: Any, output: str, overwrite: bool, started: str, produce: Callable[[Path], Any]) -> Any:
+    """Stage results locally, then publish them to `output` like a run: every file first, manifest.json last."""
     import tempfile
 
-    from job.evaluation.evaluate import evaluate_models
-    from job.evaluation.report import headline_line
     from job.storage import objects as storage
+    from job.storage.publish import build_manifest, publish_run
 
-    if bool(adapter) == base_only:
-        raise ConfigError("give exactly one of --adapter PATH_OR_URI and --base-only")
-    cfg = _load(config_name, overrides)
-    _refuse_existing_results(output, overwrite)
+    name = output.rstrip("/").rsplit("/", 1)[-1] or "evaluation"
     with tempfile.TemporaryDirectory(prefix="finetune-eval-") as staging:
-        local = Path(staging) if storage.is_remote(output) else Path(output)
-        metrics = evaluate_models(cfg, local, adapter=adapter, compare_base=False)
-        if storage.is_remote(output):
-            storage.upload_dir(local, output)
+        local = Path(staging) / name
+        local.mkdir()
+        metrics = produce(local)
+        manifest = build_manifest(local, config=cfg.model_dump(mode="json"), status="completed",
+                                  started_at=started, ended_at=_now(), metrics=metrics)
+        destination = output if storage.is_remote(output) else str(Path(output.removeprefix("file://")).expanduser())
+        publish_run(local, destination, manifest, replace=overwrite)
+    return metrics
+
+
+def _echo_metrics(metrics: dict[str, Any]) -> None:
+    from job.evaluation.report import headline_line, noise_statements
+
     for label, values in metrics.items():
         click.echo(headline_line(label, values))
-    click.echo(f"wrote {output}")
+    for statement in noise_statements(metrics):
+        click.echo(statement)
 
 
 @cli.command()
 @_config_options
 @click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help='JSON lines, one {"id": ..., "sql": ...} per row.')
+@click.option("--rows", "rows_source", metavar="FILE_OR_URI",
+              help="Dataset file holding the rows the predictions name (default: data.source).")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), help="Folder for metrics.json.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
 def score(
-    config_name: str, overrides: tuple[str, ...], predictions: Path, output: Path | None, overwrite: bool
+    config_name: str, overrides: tuple[str, ...], predictions: Path, rows_source: str | None, output: Path | None,
+    overwrite: bool,
 ) -> None:
-    """Score existing predictions against their dataset rows by executing both."""
+    """Score existing predictions against their dataset rows by executing both on each row's test suite."""
     from job.evaluation.evaluate import score_file
     from job.evaluation.report import headline_line
 
     cfg = _load(config_name, overrides)
     if output:
         _refuse_existing_results(str(output), overwrite)
-    metrics = score_file(cfg, predictions, output)
+    metrics = score_file(cfg, predictions, output, rows_source=rows_source)
     click.echo(headline_line("predictions", metrics))
 
 

@@ -95,6 +95,22 @@ class EvaluationConfig(_Section):
     sql_timeout_s: float = Field(2.0, gt=0.0)
     max_result_rows: int = Field(10_000, ge=1)
     top_domains: int = Field(10, ge=1)
+    test_suite_size: int = Field(8, ge=0)
+    """Most extra databases per row in its test suite (execution accuracy must hold on all); 0 turns suites off."""
+    suite_candidates: int = Field(64, ge=1)
+    """Candidate databases generated per row while distilling its suite (the budget)."""
+    seed: int = 0
+    """Seeds every row's suite (with the row id), so suites are identical across runs."""
+    fixed_now: str = Field("2024-01-15 12:00:00", pattern=r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+    """What NOW(), CURDATE(), CURRENT_DATE and date('now') mean in scored SQL."""
+    workers: int = Field(0, ge=0)
+    """Processes that score rows; 0: one per available CPU core (at most 8)."""
+
+    @field_validator("fixed_now", mode="before")
+    @classmethod
+    def _timestamp_text(cls, value: Any) -> Any:
+        """YAML reads `2024-01-15 12:00:00` as a datetime; keep it as the text it was."""
+        return value.strftime("%Y-%m-%d %H:%M:%S") if hasattr(value, "strftime") else value
 
 
 class OutputConfig(_Section):

@@ -54,7 +54,7 @@ def test_score_gold_predictions_is_perfect_on_rows_whose_gold_runs(capsys, tmp_p
     metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text())
     assert metrics["n_rows"] == 40 and metrics["n_scored"] == 40 - metrics["n_gold_failed"]
     assert metrics["execution_accuracy"] == 1.0 and metrics["exact_match"] == 1.0
-    assert "execution accuracy 100.0%" in out
+    assert "execution accuracy (test suite) 100.0% [95% CI 100.0–100.0], single-DB 100.0%" in out
 
     before = (tmp_path / "scored" / "metrics.json").read_text()
     wrong = tmp_path / "wrong.jsonl"

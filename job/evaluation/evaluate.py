@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.errors import ConfigError, JobError
+from job.errors import ConfigError, JobError, MissingInputError
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -35,30 +37,61 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
     return predictions
 
 
-def _score(cfg: JobConfig, rows: list[dict[str, Any]], predictions: list[dict[str, Any]]) -> tuple[dict, list]:
-    from job.evaluation.scoring import score_predictions
+def scoring_settings(cfg: JobConfig) -> Any:
+    """The `evaluation.*` fields as `ScoringSettings` (sandbox limits, test suite, seed, fixed now, workers)."""
+    from job.evaluation.sandbox import Limits
+    from job.evaluation.scoring import ScoringSettings
 
     e = cfg.evaluation
-    return score_predictions(
-        rows, predictions, timeout_s=e.sql_timeout_s, max_result_rows=e.max_result_rows, top_domains=e.top_domains
+    return ScoringSettings(
+        limits=Limits(timeout_s=e.sql_timeout_s, max_rows=e.max_result_rows, fixed_now=e.fixed_now),
+        test_suite_size=e.test_suite_size, suite_candidates=e.suite_candidates, seed=e.seed, workers=e.workers,
+        top_domains=e.top_domains,
     )
 
 
-def score_file(cfg: JobConfig, predictions_path: Path, output: Path | None) -> dict[str, Any]:
-    """Score a predictions file against the rows of `data.source` that the predictions name."""
+def read_rows(source: str) -> list[dict[str, Any]]:
+    """Every valid row of a dataset file/folder/URI (all its splits, in order), for `--rows`: no split needed."""
+    from job.data.sources import SplitReport, check_source, load_source, validate_rows
+
+    local = Path(source.removeprefix("file://")).expanduser()
+    if not source.startswith("s3://") and not local.exists():
+        raise MissingInputError(f"--rows {source}: no such file or folder")
+    check_source(source)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for split in load_source(source).values():
+        for row in validate_rows(split, SplitReport()):
+            if str(row["id"]) not in seen:
+                seen.add(str(row["id"]))
+                rows.append(row)
+    if not rows:
+        raise ConfigError(f"--rows {source}: no usable rows")
+    return rows
+
+
+def score_file(
+    cfg: JobConfig, predictions_path: Path, output: Path | None, rows_source: str | None = None
+) -> dict[str, Any]:
+    """Score a predictions file against the rows it names: of `rows_source` when given, else of `data.source`."""
     from job.data.sources import SplitReport, load_source, validate_rows
+    from job.evaluation.scoring import score_models
 
     predictions = read_predictions(predictions_path)
-    splits = load_source(cfg.data.source)
     by_id: dict[str, dict[str, Any]] = {}
-    for name in sorted(splits, key=lambda n: n != cfg.data.eval_split):  # the eval split wins on shared ids
-        for row in validate_rows(splits[name], SplitReport()):
-            by_id.setdefault(str(row["id"]), row)
+    if rows_source:
+        by_id = {str(row["id"]): row for row in read_rows(rows_source)}
+    else:
+        splits = load_source(cfg.data.source)
+        for name in sorted(splits, key=lambda n: n != cfg.data.eval_split):  # the eval split wins on shared ids
+            for row in validate_rows(splits[name], SplitReport()):
+                by_id.setdefault(str(row["id"]), row)
     unknown = [p["id"] for p in predictions if str(p["id"]) not in by_id]
     if unknown:
-        raise ConfigError(f"--predictions: {len(unknown)} ids not in {cfg.data.source} (first: {unknown[0]!r})")
+        where = rows_source or cfg.data.source
+        raise ConfigError(f"--predictions: {len(unknown)} ids not in {where} (first: {unknown[0]!r})")
     rows = [by_id[str(p["id"])] for p in predictions]
-    metrics, per_row = _score(cfg, rows, predictions)
+    metrics, per_row = score_models(rows, {"predictions": predictions}, scoring_settings(cfg))["predictions"]
     if output:
         output.mkdir(parents=True, exist_ok=True)
         (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -66,20 +99,67 @@ def score_file(cfg: JobConfig, predictions_path: Path, output: Path | None) -> d
     return metrics
 
 
-def _evaluate_model(
-    cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], out_dir: Path, label: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from job.evaluation.generate import generate_predictions
+def run_rows(
+    run_uri: str, overrides: tuple[str, ...] | list[str] = ()
+) -> tuple[JobConfig, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the run's config, its evaluation rows in recorded order, its training rows) for `evaluate --run`.
 
-    predictions = generate_predictions(
-        model, tokenizer, rows, batch_size=cfg.evaluation.batch_size,
-        max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
-    )
-    _write_jsonl(out_dir / label / "predictions.jsonl", predictions)
-    metrics, per_row = _score(cfg, rows, predictions)
-    (out_dir / label / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    _write_jsonl(out_dir / label / "scored.jsonl", per_row)
-    return metrics, per_row
+    The evaluation rows are exactly `data/eval_ids.json` of the run; the training rows are the run's train split
+    recomputed from its saved config (deterministic), which the adapter may have seen. `overrides` (--set) apply
+    on top of the saved config.
+    """
+    from job.config import load_config
+    from job.data.sources import load_splits
+    from job.settings import CONFIG_FILE
+    from job.storage import objects as storage
+
+    base = run_uri.rstrip("/")
+    try:
+        eval_ids = json.loads(storage.read_text(storage.join(base, "data", "eval_ids.json")))
+        config_text = storage.read_text(storage.join(base, CONFIG_FILE))
+    except storage.NotFound as exc:
+        raise MissingInputError(f"--run {run_uri}: not a run folder ({exc})") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"--run {run_uri}: data/eval_ids.json is not JSON") from None
+    if not isinstance(eval_ids, list) or not eval_ids:
+        raise ConfigError(f"--run {run_uri}: data/eval_ids.json holds no ids")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / CONFIG_FILE
+        config_path.write_text(config_text)
+        cfg = load_config(str(config_path), list(overrides), environ={})
+    splits = load_splits(cfg.data)
+    by_id = {_key(row["id"]): row for row in [*splits.eval, *splits.train]}
+    missing = [i for i in eval_ids if _key(i) not in by_id]
+    if missing:
+        raise MissingInputError(
+            f"--run {run_uri}: {len(missing)} recorded eval ids are not in {cfg.data.source} (first: {missing[0]!r})"
+        )
+    return cfg, [by_id[_key(i)] for i in eval_ids], splits.train
+
+
+def refuse_trained_rows(rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], where: str) -> None:
+    """A one-line usage error when any row to evaluate is one the adapter trained on (same id or question+schema)."""
+    trained_ids = {_key(r["id"]) for r in train_rows}
+    trained_content = {_content(r) for r in train_rows}
+    leaked = [r["id"] for r in rows if _key(r["id"]) in trained_ids or _content(r) in trained_content]
+    if leaked:
+        raise ConfigError(
+            f"{where}: {len(leaked)} of {len(rows)} rows to evaluate are in the run's training split "
+            f"(first id: {leaked[0]!r}); evaluating on them would leak; pass rows the adapter never saw"
+        )
+
+
+def _key(value: object) -> str:
+    from job.evaluation.scoring import id_key
+
+    return id_key(value)
+
+
+def _content(row: dict[str, Any]) -> tuple[str, str]:
+    return (" ".join(str(row.get("sql_prompt", "")).lower().split()),
+            " ".join(str(row.get("sql_context", "")).lower().split()))
 
 
 def _local_adapter(adapter: str) -> str:
@@ -94,33 +174,77 @@ def _local_adapter(adapter: str) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """The model in eval mode for generation; its previous train/eval mode afterwards."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _generate(cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], label: str) -> list[dict]:
+    from job.evaluation.generate import generate_predictions
+
+    return generate_predictions(
+        model, tokenizer, rows, batch_size=cfg.evaluation.batch_size,
+        max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
+    )
+
+
 def evaluate_models(
     cfg: JobConfig,
     out_dir: Path,
     *,
-    adapter: str | Path | None,
+    adapter: str | Path | None = None,
     compare_base: bool,
     rows: list[dict[str, Any]] | None = None,
     train_log: list[dict[str, Any]] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate the base model (when `adapter` is None or `compare_base`) and the adapter, on the same rows.
+    """Evaluate the base model (when there is no adapter, or `compare_base`) and the tuned one, on the same rows.
+
+    With `model` (an in-memory peft model, e.g. just trained) and `tokenizer`, nothing is loaded: "tuned" is
+    that model and "base" the same weights inside peft's `disable_adapter()` (LoRA and prompt tuning alike).
+    Otherwise the base is loaded from `cfg.model` and `adapter` (folder or s3://) on top of it.
 
     Writes `<out_dir>/<base|tuned>/{predictions,scored}.jsonl` and `metrics.json`, then `metrics.json`,
     `report.md` and `report.html` side by side. Returns the metrics by model label.
     """
     from job.data.sources import load_splits
-    from job.evaluation.report import write_reports
+
+    if (model is None) != (tokenizer is None):
+        raise ValueError("evaluate_models: pass both `model` and `tokenizer`, or neither")
+    rows = rows if rows is not None else load_splits(cfg.data).eval
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    if model is not None:
+        with _eval_mode(model):
+            if compare_base:
+                with model.disable_adapter():
+                    predictions["base"] = _generate(cfg, model, tokenizer, rows, "base")
+            predictions["tuned"] = _generate(cfg, model, tokenizer, rows, "tuned")
+    else:
+        predictions = _generate_from_disk(cfg, rows, adapter, compare_base)
+    for label, records in predictions.items():
+        _write_jsonl(out_dir / label / "predictions.jsonl", records)
+    return score_and_report(cfg, out_dir, rows, predictions, train_log=train_log)
+
+
+def _generate_from_disk(
+    cfg: JobConfig, rows: list[dict[str, Any]], adapter: str | Path | None, compare_base: bool
+) -> dict[str, list[dict[str, Any]]]:
     from job.train.model import load_base_model, load_tokenizer, resolve_model_path
 
     adapter_path = _local_adapter(str(adapter)) if adapter else None
-    rows = rows if rows is not None else load_splits(cfg.data).eval
     model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, adapter_path or model_path)
     model = load_base_model(cfg.model, model_path)
-    metrics: dict[str, dict[str, Any]] = {}
-    scored: dict[str, list[dict[str, Any]]] = {}
+    predictions = {}
     if adapter_path is None or compare_base:
-        metrics["base"], scored["base"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "base")
+        predictions["base"] = _generate(cfg, model, tokenizer, rows, "base")
     if adapter_path is not None:
         from peft import PeftModel
 
@@ -128,6 +252,27 @@ def evaluate_models(
             model = PeftModel.from_pretrained(model, adapter_path)
         except (OSError, ValueError) as exc:
             raise JobError(f"--adapter {adapter}: cannot load on {cfg.model.name}: {exc}") from None
-        metrics["tuned"], scored["tuned"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "tuned")
+        predictions["tuned"] = _generate(cfg, model, tokenizer, rows, "tuned")
+    return predictions
+
+
+def score_and_report(
+    cfg: JobConfig,
+    out_dir: Path,
+    rows: list[dict[str, Any]],
+    predictions: dict[str, list[dict[str, Any]]],
+    train_log: list[dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Score every model's predictions in one pass (each row's suite built once), write per-model files and reports."""
+    from job.evaluation.report import write_reports
+    from job.evaluation.scoring import score_models
+
+    results = score_models(rows, predictions, scoring_settings(cfg))
+    metrics = {label: result[0] for label, result in results.items()}
+    scored = {label: result[1] for label, result in results.items()}
+    for label in results:
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+        (out_dir / label / "metrics.json").write_text(json.dumps(metrics[label], indent=2) + "\n")
+        _write_jsonl(out_dir / label / "scored.jsonl", scored[label])
     write_reports(out_dir, metrics, scored, train_log=train_log, title=f"Text-to-SQL evaluation: {cfg.model.name}")
     return metrics

@@ -9,10 +9,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from job.evaluation.scoring import HEADLINE_METRICS, compare_metrics
+from job.evaluation.scoring import HEADLINE_METRICS, compare_metrics, compare_paired
 
 _LABELS = {
-    "execution_accuracy": "Execution accuracy",
+    "execution_accuracy": "Execution accuracy (test suite)",
+    "execution_accuracy_single_db": "Execution accuracy (single DB)",
     "exact_match": "Exact match",
     "normalized_match": "Normalized match",
     "valid_sql_rate": "Valid SQL",
@@ -21,9 +22,13 @@ _LABELS = {
 }
 _COUNTS = ("n_rows", "n_gold_failed", "n_scored")
 _DEFINITIONS = (
-    "Execution accuracy is over scored rows (gold SQL runs on its own context in SQLite); every other "
-    "rate is over all rows, except runaway, which is over rows with generation info. `n_gold_failed` rows "
-    "(context or gold SQL fails in SQLite) are excluded from execution accuracy only."
+    "Execution accuracy (test suite) counts a prediction correct only when its result matches the gold's on the "
+    "row's own database and on every database of the row's distilled test suite (same schema, generated rows; "
+    "Zhong, Yu & Klein 2020); execution accuracy (single DB) compares on the row's own database only, which a "
+    "constant empty answer often passes. Both are over scored rows (gold SQL runs on its own context in SQLite); "
+    "every other rate is over all rows, except runaway, which is over rows with generation info. "
+    "`n_gold_failed` rows (context or gold SQL fails in SQLite) are excluded from execution accuracy only. "
+    "Brackets are 95% bootstrap intervals."
 )
 _WORST_LIMIT = 10
 
@@ -35,44 +40,125 @@ def write_reports(
     train_log: list[dict] | None = None,
     title: str = "Text-to-SQL evaluation",
 ) -> None:
-    """Write `metrics.json`, `report.md` and `report.html` for one or more models (e.g. "base", "tuned")."""
+    """Write `metrics.json`, `report.md` and `report.html` for one or more models (e.g. "base", "tuned").
+
+    With both "base" and "tuned", the paired test of tuned vs base is added to the tuned metrics as `vs_base`."""
     eval_dir = Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
+    if "base" in rows_by_model and "tuned" in rows_by_model and "tuned" in metrics_by_model:
+        metrics_by_model["tuned"]["vs_base"] = compare_paired(rows_by_model["base"], rows_by_model["tuned"])
     summary: dict[str, Any] = dict(metrics_by_model)
     if "base" in metrics_by_model and "tuned" in metrics_by_model:
         summary["delta"] = compare_metrics(metrics_by_model["base"], metrics_by_model["tuned"])
+        summary["delta"]["paired"] = metrics_by_model["tuned"].get("vs_base")
     (eval_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     worst_label, worst = worst_examples(metrics_by_model, rows_by_model)
-    (eval_dir / "report.md").write_text(_markdown(title, metrics_by_model, worst_label, worst))
-    (eval_dir / "report.html").write_text(_html(title, metrics_by_model, worst_label, worst, train_log))
+    excluded = _excluded(rows_by_model)
+    (eval_dir / "report.md").write_text(_markdown(title, metrics_by_model, worst_label, worst, excluded))
+    (eval_dir / "report.html").write_text(_html(title, metrics_by_model, worst_label, worst, train_log, excluded))
 
 
 def headline_line(label: str, m: dict[str, Any]) -> str:
     """One terminal line with a model's headline numbers."""
     runaway = f", runaway {m['runaway_rate']:.1%}" if m.get("runaway_rate") is not None else ""
+    single = m.get("execution_accuracy_single_db")
+    single_text = f", single-DB {_pct(single)}" if single is not None else ""
     return (
-        f"{label}: execution accuracy {m['execution_accuracy']:.1%} of {m['n_scored']} scored rows "
-        f"({m['n_gold_failed']} with failing gold left out), exact {m['exact_match']:.1%}, "
-        f"valid SQL {m['valid_sql_rate']:.1%}{runaway}"
+        f"{label}: execution accuracy (test suite) {_pct(m['execution_accuracy'])}"
+        f"{_interval(m, 'execution_accuracy')}{single_text} of {m['n_scored']} scored rows "
+        f"({m['n_gold_failed']} with failing gold left out), exact {_pct(m['exact_match'])}, "
+        f"valid SQL {_pct(m['valid_sql_rate'])}{runaway}"
+    )
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _interval(m: dict[str, Any], key: str) -> str:
+    low_high = (m.get("ci95") or {}).get(key)
+    return f" [95% CI {100 * low_high[0]:.1f}–{100 * low_high[1]:.1f}]" if low_high else ""
+
+
+def noise_statements(metrics_by_model: dict[str, dict]) -> list[str]:
+    """The paired test of tuned vs base in words, one sentence per execution accuracy; [] without both models."""
+    paired = (metrics_by_model.get("tuned") or {}).get("vs_base") or {}
+    return [f"{_LABELS[key]}: {paired[key]['statement']}" for key in ("execution_accuracy",
+            "execution_accuracy_single_db") if (paired.get(key) or {}).get("statement")]
+
+
+def suite_statement(metrics: dict[str, Any]) -> str:
+    """What the test suite is and how much it catches, in two sentences."""
+    suite = metrics.get("test_suite") or {}
+    if not suite.get("size"):
+        return "Test suites are off (`evaluation.test_suite_size=0`): both execution accuracies are single-DB."
+    power, single = suite.get("power"), suite.get("power_single_db")
+    return (
+        f"Test suite: up to {suite['size']} extra databases per row (mean {suite.get('mean_databases') or 0:.1f}, "
+        f"distilled from {suite.get('candidates')} candidates, seed {suite.get('seed')}). Of "
+        f"{suite.get('neighbours')} wrong neighbours of the gold queries (aggregate, literal, comparison, boolean, "
+        f"ordering, dropped/added clause), the suite rejects {_pct(power)}; the row's own database alone rejects "
+        f"{_pct(single)}. \"Now\" is fixed at {metrics.get('fixed_now')}."
+    )
+
+
+def rewrite_statement(metrics_by_model: dict[str, dict]) -> str:
+    """How many rows needed sqlglot/compatibility rewrites to run in SQLite."""
+    first = next(iter(metrics_by_model.values()))
+    predictions = ", ".join(f"{m}: {v.get('n_pred_transpiled', 0)}" for m, v in metrics_by_model.items())
+    return (
+        f"Rewritten to run in SQLite (sqlglot transpilation, MySQL-compatible functions, schema prefixes dropped): "
+        f"{first.get('n_gold_transpiled', 0)} gold queries, {first.get('n_context_transpiled', 0)} contexts, "
+        f"predictions {predictions}. Rewritten rows are flagged `gold_transpiled`, `context_transpiled` and "
+        "`pred_transpiled` in the per-row records."
     )
 
 
 def headline_markdown(metrics_by_model: dict[str, dict]) -> str:
-    """Headline metrics as markdown: one column per model, plus Δ (tuned - base) when both exist."""
+    """Headline metrics as markdown: one column per model with 95% intervals, plus Δ (tuned - base) and the paired
+    test's p-value when both exist, then the noise verdict and the test suite's power in words."""
+    metrics_by_model = _models(metrics_by_model)
     models = list(metrics_by_model)
     with_delta = "base" in metrics_by_model and "tuned" in metrics_by_model
     header = ["Metric", *models, *(["Δ (tuned - base)"] if with_delta else [])]
     lines = [_md_row(header), _md_row(["---"] + ["---:"] * (len(header) - 1))]
+    for _key, label, cells in _headline_cells(metrics_by_model):
+        lines.append(_md_row([label, *cells]))
+    text = "\n".join(lines) + "\n"
+    notes = noise_statements(metrics_by_model)
+    if models:
+        notes.append(suite_statement(metrics_by_model[models[-1]]))
+    return text + "".join(f"\n{note}\n" for note in notes)
+
+
+def _models(metrics_by_model: dict[str, dict]) -> dict[str, dict]:
+    """Only the per-model entries (a caller's dict may also hold e.g. "delta")."""
+    return {m: v for m, v in metrics_by_model.items() if isinstance(v, dict) and "n_rows" in v}
+
+
+def _headline_cells(metrics_by_model: dict[str, dict]) -> list[tuple[str, str, list[str]]]:
+    models = list(metrics_by_model)
+    with_delta = "base" in metrics_by_model and "tuned" in metrics_by_model
+    paired = (metrics_by_model.get("tuned") or {}).get("vs_base") or {}
+    rows = []
     for key in (*HEADLINE_METRICS, *_COUNTS):
         values = [metrics_by_model[m].get(key) for m in models]
         if key == "runaway_rate" and all(v is None for v in values):
             continue
-        cells = [_fmt(key, v) for v in values]
+        cells = [_fmt(key, v) + _ci_text(metrics_by_model[m], key) for m, v in zip(models, values, strict=True)]
         if with_delta:
             base, tuned = metrics_by_model["base"].get(key), metrics_by_model["tuned"].get(key)
-            cells.append(_fmt_delta(key, base, tuned))
-        lines.append(_md_row([_LABELS.get(key, key), *cells]))
-    return "\n".join(lines) + "\n"
+            delta = _fmt_delta(key, base, tuned)
+            if (paired.get(key) or {}).get("p_value") is not None:
+                delta += f" (McNemar p = {paired[key]['p_value']:.2g})"
+            cells.append(delta)
+        rows.append((key, _LABELS.get(key, key), cells))
+    return rows
+
+
+def _ci_text(metrics: dict[str, Any], key: str) -> str:
+    low_high = (metrics.get("ci95") or {}).get(key)
+    return f" [{100 * low_high[0]:.1f}–{100 * low_high[1]:.1f}]" if low_high else ""
 
 
 def worst_examples(
@@ -93,18 +179,29 @@ def worst_examples(
     return label, sorted(misses, key=rank)[:limit]
 
 
-def _markdown(title: str, metrics_by_model: dict[str, dict], label: str | None, worst: list[dict]) -> str:
-    parts = [f"# {title}\n", headline_markdown(metrics_by_model), f"{_DEFINITIONS}\n"]
+def _excluded(rows_by_model: dict[str, list[dict]]) -> list[dict]:
+    """Rows left out of execution accuracy (their context or gold fails in SQLite), the same for every model."""
+    records = next(iter(rows_by_model.values()), [])
+    return [r for r in records if r.get("gold_error")]
+
+
+def _markdown(
+    title: str, metrics_by_model: dict[str, dict], label: str | None, worst: list[dict], excluded: list[dict]
+) -> str:
+    parts = [f"# {title}\n", headline_markdown(metrics_by_model), f"{_DEFINITIONS}\n",
+             f"{rewrite_statement(metrics_by_model)}\n"]
     failed = {m: metrics.get("n_gold_failed") for m, metrics in metrics_by_model.items()}
     parts.append(
-        "Rows whose gold SQL does not run in SQLite (other dialects, `CREATE SCHEMA`, ambiguous columns): "
-        + ", ".join(f"{m}: {n}" for m, n in failed.items())
-        + ". They are listed with `gold_error` in the per-row records.\n"
+        "Rows whose gold SQL does not run in SQLite even after rewriting (missing tables or columns, ambiguous "
+        "names, invalid SQL): " + ", ".join(f"{m}: {n}" for m, n in failed.items())
+        + ". They are listed below and with `gold_error` in the per-row records.\n"
     )
     sections = (("by_complexity", "SQL complexity"), ("by_task_type", "task type"), ("by_domain", "domain"))
     for name, heading in sections:
-        parts.append(f"## Execution accuracy by {heading}\n")
+        parts.append(f"## Execution accuracy (test suite) by {heading}\n")
         parts.append(_breakdown_markdown(metrics_by_model, name, heading))
+    parts.append(f"## Rows left out ({len(excluded)})\n")
+    parts.extend(f"- id {r.get('id')}: `{_md_inline(str(r.get('gold_error'))[:160])}`\n" for r in excluded)
     parts.append(f"## Worst examples ({label or 'none'})\n")
     if not worst:
         parts.append("No misses.\n")
@@ -130,7 +227,7 @@ def _breakdown_markdown(metrics_by_model: dict[str, dict], name: str, heading: s
         n_rows = next((s.get("n_rows") for s in stats if s), 0)
         accuracy = [s.get("execution_accuracy") for s in stats]
         cells = [
-            f"{_fmt('execution_accuracy', a)} (n={s.get('n_scored', 0)})"
+            f"{_fmt('execution_accuracy', a)}{_ci_text(s, 'execution_accuracy')} (n={s.get('n_scored', 0)})"
             for a, s in zip(accuracy, stats, strict=True)
         ]
         if with_delta:
@@ -146,26 +243,26 @@ def _html(
     label: str | None,
     worst: list[dict],
     train_log: list[dict] | None,
+    excluded: list[dict],
 ) -> str:
     esc = html.escape
     models = list(metrics_by_model)
     with_delta = "base" in metrics_by_model and "tuned" in metrics_by_model
     head = "".join(f"<th>{esc(m)}</th>" for m in models) + ("<th>Δ (tuned - base)</th>" if with_delta else "")
-    body = []
-    for key in (*HEADLINE_METRICS, *_COUNTS):
-        values = [metrics_by_model[m].get(key) for m in models]
-        if key == "runaway_rate" and all(v is None for v in values):
-            continue
-        cells = "".join(f"<td>{esc(_fmt(key, v))}</td>" for v in values)
-        if with_delta:
-            delta = _fmt_delta(key, metrics_by_model["base"].get(key), metrics_by_model["tuned"].get(key))
-            cells += f"<td>{esc(delta)}</td>"
-        body.append(f"<tr><th>{esc(_LABELS.get(key, key))}</th>{cells}</tr>")
+    body = [
+        f"<tr><th>{esc(label)}</th>" + "".join(f"<td>{esc(cell)}</td>" for cell in cells) + "</tr>"
+        for _, label, cells in _headline_cells(metrics_by_model)
+    ]
+    notes = [*noise_statements(metrics_by_model), suite_statement(metrics_by_model[models[-1]]),
+             rewrite_statement(metrics_by_model)] if models else []
+    excluded_items = "".join(f"<li>id {esc(str(r.get('id')))}: <code>{esc(str(r.get('gold_error'))[:160])}</code></li>"
+                             for r in excluded)
     charts = [
-        _img(_bar_chart(metrics_by_model, "by_complexity", "Execution accuracy by SQL complexity"),
-             "Execution accuracy by SQL complexity"),
-        _img(_bar_chart(metrics_by_model, "by_task_type", "Execution accuracy by task type"),
-             "Execution accuracy by task type"),
+        _img(_headline_chart(metrics_by_model), "Accuracies with 95% intervals"),
+        _img(_bar_chart(metrics_by_model, "by_complexity", "Execution accuracy (test suite) by SQL complexity"),
+             "Execution accuracy (test suite) by SQL complexity"),
+        _img(_bar_chart(metrics_by_model, "by_task_type", "Execution accuracy (test suite) by task type"),
+             "Execution accuracy (test suite) by task type"),
     ]
     loss = [e for e in train_log or [] if isinstance(e, dict) and "step" in e and e.get("loss") is not None]
     if loss:
@@ -183,8 +280,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 img{{max-width:100%}}</style></head><body>
 <h1>{esc(title)}</h1>
 <table><tr><th>Metric</th>{head}</tr>{"".join(body)}</table>
+{"".join(f"<p>{esc(note)}</p>" for note in notes)}
 <p>{esc(_DEFINITIONS)}</p>
 {"".join(charts)}
+<h2>Rows left out ({len(excluded)})</h2>
+<ul>{excluded_items}</ul>
 <h2>Worst examples ({esc(label or "none")})</h2>
 <table><tr><th>Question</th><th>Gold</th><th>Prediction</th><th>Error</th></tr>{worst_rows}</table>
 </body></html>
@@ -199,13 +299,44 @@ def _bar_chart(metrics_by_model: dict[str, dict], name: str, title: str) -> byte
     axes = figure.subplots()
     width = 0.8 / max(1, len(metrics_by_model))
     for offset, (model, metrics) in enumerate(metrics_by_model.items()):
-        values = [((metrics.get(name) or {}).get(g) or {}).get("execution_accuracy") or 0.0 for g in groups]
-        axes.bar([i + offset * width for i in range(len(groups))], values, width, label=model)
+        stats = [((metrics.get(name) or {}).get(g) or {}) for g in groups]
+        values = [s.get("execution_accuracy") or 0.0 for s in stats]
+        axes.bar([i + offset * width for i in range(len(groups))], values, width, label=model,
+                 yerr=_error_bars([(s.get("execution_accuracy"), (s.get("ci95") or {}).get("execution_accuracy"))
+                                   for s in stats]), capsize=2)
     axes.set_xticks([i + width * (len(metrics_by_model) - 1) / 2 for i in range(len(groups))])
     axes.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
     axes.set_ylim(0, 1)
     axes.set_ylabel("execution accuracy")
     axes.set_title(title)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _error_bars(points: list[tuple[float | None, list[float] | None]]) -> list[list[float]]:
+    """matplotlib's yerr (distance below, above) for (value, [low, high]) points; 0 where there is no interval."""
+    below = [max(0.0, (v or 0.0) - ci[0]) if ci else 0.0 for v, ci in points]
+    above = [max(0.0, ci[1] - (v or 0.0)) if ci else 0.0 for v, ci in points]
+    return [below, above]
+
+
+def _headline_chart(metrics_by_model: dict[str, dict]) -> bytes:
+    """Each model's accuracies as bars with 95% bootstrap error bars."""
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, never touches the global backend
+
+    keys = ("execution_accuracy", "execution_accuracy_single_db", "exact_match", "normalized_match", "valid_sql_rate")
+    figure = Figure(figsize=(8, 3.5), dpi=90)
+    axes = figure.subplots()
+    width = 0.8 / max(1, len(metrics_by_model))
+    for offset, (model, metrics) in enumerate(metrics_by_model.items()):
+        values = [metrics.get(k) or 0.0 for k in keys]
+        axes.bar([i + offset * width for i in range(len(keys))], values, width, label=model,
+                 yerr=_error_bars([(metrics.get(k), (metrics.get("ci95") or {}).get(k)) for k in keys]), capsize=3)
+    axes.set_xticks([i + width * (len(metrics_by_model) - 1) / 2 for i in range(len(keys))])
+    axes.set_xticklabels([_LABELS[k].replace(" (", "\n(") for k in keys], fontsize=7)
+    axes.set_ylim(0, 1)
+    axes.set_title("Accuracies with 95% bootstrap intervals")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     figure.tight_layout()
     return _png(figure)

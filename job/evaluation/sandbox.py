@@ -4,17 +4,21 @@ Every database lives in memory. Each connection is hardened before any SQL runs:
 and DETACH (which also blocks `VACUUM` and `VACUUM INTO 'file'`), every PRAGMA, virtual tables and
 file-touching functions; extension loading is off; a progress handler aborts work past a deadline; results are
 capped in rows; size limits cap strings, SQL text and database pages; SQLite's process-wide heap gets a hard
-limit.
+limit. MySQL-compatible functions with a fixed "now" (`job.evaluation.compat`) are registered on every
+connection.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+from job.evaluation.compat import DEFAULT_NOW, register_functions, sqlite_rewrites
 
 _PAGE_SIZE = 4096
 _PROGRESS_EVERY = 2_000  # VM instructions between deadline checks
@@ -28,7 +32,6 @@ _DENIED_ACTIONS = frozenset(
         sqlite3.SQLITE_DROP_VTABLE,
     }
 )
-_TRANSPILE_DIALECTS = (None, "mysql", "postgres", "tsql")
 _heap_limit_applied = False
 
 
@@ -45,6 +48,8 @@ class Limits:
     max_db_bytes: int = 256 * 2**20
     heap_limit_bytes: int = 512 * 2**20
     """Process-wide (SQLite's `hard_heap_limit`); only ever lowered, never raised."""
+    fixed_now: str = DEFAULT_NOW
+    """What NOW(), CURDATE(), CURRENT_DATE and date('now') return ('YYYY-MM-DD HH:MM:SS')."""
 
 
 @dataclass
@@ -221,6 +226,12 @@ def build_context(context: str, limits: Limits | None = None) -> ContextDB:
 
 def split_statements(sql: str) -> list[str]:
     """Split a script into complete statements using SQLite's own tokenizer (`sqlite3.complete_statement`)."""
+    return list(_split_statements(sql))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_statements(sql: str) -> tuple[str, ...]:
+    """Cached: a suite runs the same gold and neighbour texts on many databases."""
     statements, buffer = [], ""
     *pieces, tail = sql.split(";")
     for piece in pieces:
@@ -232,7 +243,7 @@ def split_statements(sql: str) -> list[str]:
     buffer = f"{buffer};{tail}" if buffer else tail
     if _has_code(buffer):
         statements.append(buffer.strip())
-    return statements
+    return tuple(statements)
 
 
 @contextlib.contextmanager
@@ -251,6 +262,8 @@ def _has_code(text: str) -> bool:
     """False for text that holds only whitespace, comments and semicolons."""
     if not text.strip():
         return False
+    if "--" not in text and "/*" not in text:
+        return bool(text.strip(" \t\r\n\f\v;"))
     import sqlglot.tokens
 
     try:
@@ -286,20 +299,10 @@ def _is_create_schema(statement: str) -> bool:
 
 
 def _transpile_and_run(db: SandboxDB, statement: str) -> str | None:
-    import sqlglot
-
-    tried = set()
-    for dialect in _TRANSPILE_DIALECTS:
-        try:
-            with quiet_sqlglot():
-                rewritten = sqlglot.transpile(statement, read=dialect, write="sqlite")
-        except sqlglot.errors.SqlglotError:
-            continue
-        text = ";\n".join(rewritten)
-        if not text or text in tried:
-            continue
-        tried.add(text)
-        if all(_execute_one(db, part) is None for part in rewritten):
+    """Run the first rewrite of `statement` (see `compat.sqlite_rewrites`) that SQLite accepts; None if none."""
+    for text, _ in sqlite_rewrites(statement, db.limits.fixed_now, as_written=False):
+        parts = split_statements(text)
+        if parts and all(_execute_one(db, part) is None for part in parts):
             return text
     return None
 
@@ -327,6 +330,7 @@ def _harden(conn: sqlite3.Connection, limits: Limits, guard: _Guard) -> None:
             ("SQLITE_LIMIT_TRIGGER_DEPTH", 100),
         ):
             conn.setlimit(getattr(sqlite3, limit), value)
+    register_functions(conn, limits.fixed_now)
     conn.set_authorizer(guard.authorize)
     conn.set_progress_handler(guard.progress, _PROGRESS_EVERY)
 

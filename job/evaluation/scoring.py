@@ -3,15 +3,21 @@
 Metric definitions (every rate is a fraction in [0, 1], or None when its denominator is 0):
 
 - `n_rows`: rows scored; a row without a prediction counts as an empty prediction.
-- `n_gold_failed`: rows whose context cannot be fully built or whose gold SQL fails on it in SQLite. They are
-  listed in the per-row records with `gold_error` and left out of `execution_accuracy` only.
-- `n_scored` = `n_rows - n_gold_failed`.
-- `execution_accuracy` (over `n_scored`): gold and prediction, each run on its own fresh database built from
-  the context, give the same result. Results are multisets of rows compared up to a column permutation
+- `n_gold_failed`: rows whose context cannot be fully built or whose gold SQL fails on it in SQLite, even after
+  the rewrites of `job.evaluation.compat` (other dialects, MySQL functions, a fixed "now", schema prefixes), or
+  whose gold is not deterministic (RANDOM()). They are listed in the per-row records with `gold_error` and left
+  out of both execution accuracies only.
+- `n_scored` = `n_rows - n_gold_failed`; `n_gold_transpiled`, `n_context_transpiled`, `n_pred_transpiled` count the
+  rows whose gold, context or prediction only ran after a rewrite (flagged per row).
+- `execution_accuracy_single_db` (over `n_scored`): gold and prediction, each run on its own fresh database built
+  from the context, give the same result. Results are multisets of rows compared up to a column permutation
   (column names ignored, Spider test-suite style); row order counts only when the gold's last statement has a
   top-level ORDER BY; floats agree to 10 significant digits and 3.0 equals 3. When the gold's last statement
   returns no result set (INSERT/UPDATE/DELETE/DDL), the contents of every table and view afterwards are
   compared instead (column names and order count there, row order does not).
+- `execution_accuracy` (over `n_scored`): test-suite accuracy, the single-DB match and the same match on every
+  database of the row's distilled suite (`job.evaluation.suites`; none when `test_suite_size` is 0).
+- `ci95`: a 95% bootstrap interval for every rate; `test_suite`: the suite's power on the gold's own neighbours.
 - `exact_match` (over `n_rows`): equal after lower-casing, collapsing whitespace and dropping trailing `;`.
 - `normalized_match` (over `n_rows`): equal after sqlglot parses both (SQLite dialect, then its default
   dialect), qualifies columns against the context's schema where it can, normalizes and simplifies boolean
@@ -26,19 +32,26 @@ Metric definitions (every rate is a fraction in [0, 1], or None when its denomin
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from job.errors import JobError
+from job.evaluation.compat import qualify_equijoined, sqlite_rewrites
+from job.evaluation.confidence import bootstrap_interval
 from job.evaluation.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
 from job.evaluation.sql_extract import extract_sql
+from job.evaluation.suites import Suite, distill, row_seed, run_on_copy
 
 HEADLINE_METRICS = (
     "execution_accuracy",
+    "execution_accuracy_single_db",
     "exact_match",
     "normalized_match",
     "valid_sql_rate",
@@ -46,8 +59,26 @@ HEADLINE_METRICS = (
     "runaway_rate",
 )
 BREAKDOWNS = {"by_complexity": "sql_complexity", "by_task_type": "sql_task_type", "by_domain": "domain"}
+DEFAULT_SUITE_SIZE = 8
+DEFAULT_SUITE_CANDIDATES = 64
+_MIN_ROWS_PER_WORKER = 24
+_AMBIGUOUS = re.compile(r"OperationalError: ambiguous column name: (?:\w+\.)?(\w+)")
+_RANDOM = re.compile(r"\b(rand|random|randomblob|newid|uuid)\s*\(", re.I)
 _MAX_PERMUTATIONS = 2_000
 _FLOAT_DIGITS = 10
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How rows are scored: sandbox limits, the test suite (size 0 turns it off), seed, worker processes."""
+
+    limits: Limits = field(default_factory=Limits)
+    test_suite_size: int = DEFAULT_SUITE_SIZE
+    suite_candidates: int = DEFAULT_SUITE_CANDIDATES
+    seed: int = 0
+    workers: int = 0
+    """0: one per available CPU core (at most 8); 1: in this process."""
+    top_domains: int = 10
 
 
 def score_predictions(
@@ -57,6 +88,7 @@ def score_predictions(
     timeout_s: float = 2.0,
     max_result_rows: int = 10_000,
     top_domains: int = 10,
+    settings: ScoringSettings | None = None,
 ) -> tuple[dict, list[dict]]:
     """(metrics, per-row records) for `predictions` (`{"id", "sql", optional "raw", "stopped"}`) on `rows`.
 
@@ -64,24 +96,105 @@ def score_predictions(
     rows, or two predictions for one id, raise `JobError`. `sql` is passed through `extract_sql`; when a
     prediction has no `sql` key its `raw` text is used.
     """
-    limits = Limits(timeout_s=timeout_s, max_rows=max_result_rows)
-    by_id = _index_predictions(rows, predictions)
-    records = [_score_row(row, by_id.get(_id_key(row.get("id"))), limits) for row in rows]
-    return aggregate(records, top_domains=top_domains), records
+    settings = settings or ScoringSettings(
+        limits=Limits(timeout_s=timeout_s, max_rows=max_result_rows), top_domains=top_domains
+    )
+    return score_models(rows, {"predictions": predictions}, settings)["predictions"]
 
 
-def aggregate(records: list[dict], *, top_domains: int = 10) -> dict:
-    """Headline metrics of per-row records plus breakdowns by complexity, task type and top domains."""
+def score_models(
+    rows: list[dict], predictions_by_label: dict[str, list[dict]], settings: ScoringSettings
+) -> dict[str, tuple[dict, list[dict]]]:
+    """`score_predictions` for several models at once: each row's database suite is built once for all of them.
+
+    Rows are spread over `settings.workers` processes when there are enough of them to pay for the start-up.
+    """
+    labels = list(predictions_by_label)
+    indexed = {label: _index_predictions(rows, preds) for label, preds in predictions_by_label.items()}
+    per_row = [{label: indexed[label].get(id_key(row.get("id"))) for label in labels} for row in rows]
+    workers = _worker_count(settings.workers, len(rows))
+    if workers <= 1:
+        results = [_score_row(row, preds, settings) for row, preds in zip(rows, per_row, strict=True)]
+    else:
+        results = _score_in_processes(rows, per_row, settings, workers)
+    out = {}
+    for label in labels:
+        records = [result[label] for result in results]
+        out[label] = (aggregate(records, top_domains=settings.top_domains, settings=settings), records)
+    return out
+
+
+def _worker_count(requested: int, n_rows: int) -> int:
+    if n_rows < _MIN_ROWS_PER_WORKER * 2:
+        return 1
+    if requested > 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8, n_rows // _MIN_ROWS_PER_WORKER))
+
+
+def _score_in_processes(rows: list[dict], per_row: list[dict], settings: ScoringSettings, workers: int) -> list:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Interleaved chunks balance slow and fast rows. Fork where there is one (as torch's DataLoader does after
+    # torch has run): it needs no `if __name__ == "__main__"` guard in the caller's script; else spawn.
+    n_chunks = workers * 4
+    chunks = [list(range(i, len(rows), n_chunks)) for i in range(n_chunks)]
+    chunks = [c for c in chunks if c]
+    results: list[Any] = [None] * len(rows)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        futures = [pool.submit(_score_chunk, [rows[i] for i in c], [per_row[i] for i in c], settings) for c in chunks]
+        for chunk, future in zip(chunks, futures, strict=True):
+            for index, result in zip(chunk, future.result(), strict=True):
+                results[index] = result
+    return results
+
+
+def _score_chunk(rows: list[dict], per_row: list[dict], settings: ScoringSettings) -> list[dict]:
+    return [_score_row(row, preds, settings) for row, preds in zip(rows, per_row, strict=True)]
+
+
+def aggregate(records: list[dict], *, top_domains: int = 10, settings: ScoringSettings | None = None) -> dict:
+    """Headline metrics of per-row records (95% intervals in `ci95`), the suite's power, and breakdowns by
+    complexity, task type and top domains."""
     metrics = _metric_set(records)
-    for name, field in BREAKDOWNS.items():
+    settings = settings or ScoringSettings()
+    metrics["test_suite"] = suite_power(records, settings)
+    metrics["fixed_now"] = settings.limits.fixed_now
+    for name, field_name in BREAKDOWNS.items():
         groups: dict[str, list[dict]] = {}
         for record in records:
-            groups.setdefault(str(record.get(field) or "unknown"), []).append(record)
+            groups.setdefault(str(record.get(field_name) or "unknown"), []).append(record)
         ranked = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
         if name == "by_domain":
             ranked = ranked[:top_domains]
         metrics[name] = {group: _metric_set(members) for group, members in ranked}
     return metrics
+
+
+def suite_power(records: list[dict], settings: ScoringSettings) -> dict:
+    """Share of the gold's own wrong neighbours rejected by the suite, next to the row's database alone."""
+    scored = [r for r in records if r["gold_error"] is None]
+    neighbours = sum(r.get("n_neighbours") or 0 for r in scored)
+    single = sum(r.get("neighbours_rejected_single_db") or 0 for r in scored)
+    suite = sum(r.get("neighbours_rejected_suite") or 0 for r in scored)
+    sizes = [r.get("suite_databases") or 0 for r in scored]
+    return {
+        "size": settings.test_suite_size,
+        "candidates": settings.suite_candidates,
+        "seed": settings.seed,
+        "mean_databases": sum(sizes) / len(sizes) if sizes else None,
+        "neighbours": neighbours,
+        "rejected_single_db": single,
+        "rejected_suite": suite,
+        "power": suite / neighbours if neighbours else None,
+        "power_single_db": single / neighbours if neighbours else None,
+    }
 
 
 def compare_metrics(base: dict, tuned: dict) -> dict:
@@ -155,6 +268,13 @@ def gold_is_ordered(sql: str) -> bool:
 
 def normalize_sql(sql: str, schema: dict[str, dict[str, str]] | None = None) -> str | None:
     """Canonical text of `sql` via sqlglot (qualified against `schema` where possible); None if unparsable."""
+    key = tuple(sorted((t, tuple(sorted(c.items()))) for t, c in (schema or {}).items()))
+    return _normalize_cached(sql, key)
+
+
+@functools.lru_cache(maxsize=2048)
+def _normalize_cached(sql: str, schema_key: tuple) -> str | None:
+    schema = {table: dict(columns) for table, columns in schema_key}
     import sqlglot
     from sqlglot.optimizer.normalize import normalize
     from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
@@ -190,36 +310,63 @@ def _attempt(expression: Any, rewrite: Callable[[Any], Any]) -> Any:
         return expression
 
 
-def _score_row(row: dict, prediction: dict | None, limits: Limits) -> dict:
+def _score_row(row: dict, predictions: dict[str, dict | None], settings: ScoringSettings) -> dict[str, dict]:
+    """Per-row records, one per model label: the gold and its suite are built once for all models."""
+    limits = settings.limits
+    gold_sql = str(row.get("sql") or "")
+    context = build_context(str(row.get("sql_context") or ""), limits)
+    suite = Suite()
+    try:
+        gold_error, gold, gold_text, gold_transpiled = _run_gold(context, gold_sql)
+        ordered = gold_error is None and gold_is_ordered(gold_text)
+        if gold_error is None and settings.test_suite_size > 0:
+            suite = distill(context, gold_text, gold, ordered=ordered, size=settings.test_suite_size,
+                            budget=settings.suite_candidates, seed=row_seed(row.get("id"), settings.seed))
+        schema = context.template.schema()
+        return {
+            label: _score_prediction(row, prediction, context, schema, gold_error, gold, gold_text,
+                                     gold_transpiled, ordered, suite)
+            for label, prediction in predictions.items()
+        }
+    finally:
+        suite.close()
+        context.close()
+
+
+def _score_prediction(
+    row: dict, prediction: dict | None, context: ContextDB, schema: dict, gold_error: str | None,
+    gold: QueryResult | None, gold_text: str, gold_transpiled: bool, ordered: bool, suite: Suite,
+) -> dict:
     gold_sql = str(row.get("sql") or "")
     prediction = prediction or {}
     text = prediction["sql"] if "sql" in prediction else prediction.get("raw")
     pred_sql = extract_sql(str(text or ""))
-    context = build_context(str(row.get("sql_context") or ""), limits)
-    try:
-        gold_error, gold = _run_gold(context, gold_sql)
-        pred = _run(context, pred_sql) if pred_sql else None
-        schema = context.template.schema()
-    finally:
-        context.close()
+    pred, pred_text, pred_transpiled = (None, "", False)
+    if pred_sql:
+        pred, pred_text, pred_transpiled = _run_compat(context, pred_sql)
     pred_error = "empty prediction" if pred is None else pred.error
     valid = pred is not None and pred.ok
-    exec_match = None
+    single_match = suite_match = None
     if gold_error is None:
-        exec_match = valid and results_match(gold, pred, ordered=gold_is_ordered(gold_sql))
+        single_match = valid and results_match(gold, pred, ordered=ordered)
+        suite_match = single_match and all(
+            results_match(expected, run_on_copy(db, pred_text), ordered=ordered)
+            for db, expected in zip(suite.databases, suite.gold, strict=True)
+        )
     exact = bool(pred_sql) and _plain(pred_sql) == _plain(gold_sql)
     normalized = exact
     if pred_sql and not exact:
         gold_norm, pred_norm = normalize_sql(gold_sql, schema), normalize_sql(pred_sql, schema)
         normalized = gold_norm is not None and gold_norm == pred_norm
-    record = {
+    return {
         "id": row.get("id"),
         "question": row.get("sql_prompt"),
         "gold_sql": gold_sql,
         "pred_sql": pred_sql,
         "gold_error": gold_error,
         "pred_error": pred_error,
-        "exec_match": exec_match,
+        "exec_match": suite_match,
+        "exec_match_single_db": single_match,
         "exact_match": exact,
         "normalized_match": normalized,
         "valid_sql": valid,
@@ -229,15 +376,43 @@ def _score_row(row: dict, prediction: dict | None, limits: Limits) -> dict:
         "sql_task_type": row.get("sql_task_type"),
         "domain": row.get("domain"),
         "context_transpiled": bool(context.transpiled),
+        "gold_transpiled": gold_transpiled,
+        "gold_sqlite": gold_text if gold_transpiled else None,
+        "pred_transpiled": pred_transpiled,
+        "suite_databases": len(suite.databases),
+        "n_neighbours": suite.n_neighbours,
+        "neighbours_rejected_single_db": suite.rejected_single_db,
+        "neighbours_rejected_suite": suite.rejected_suite,
     }
-    return record
 
 
-def _run_gold(context: ContextDB, gold_sql: str) -> tuple[str | None, QueryResult | None]:
+def _run_gold(context: ContextDB, gold_sql: str) -> tuple[str | None, QueryResult | None, str, bool]:
+    """(error, result, SQLite text that ran, rewritten?) of the gold on the row's own database."""
     if context.error:
-        return f"context: {context.error}", None
-    gold = _run(context, gold_sql)
-    return (None, gold) if gold.ok else (f"gold: {gold.error}", None)
+        return f"context: {context.error}", None, gold_sql, False
+    gold, text, rewritten = _run_compat(context, gold_sql)
+    if gold.ok and _RANDOM.search(text):
+        return "gold: not deterministic (uses a random function)", None, gold_sql, False
+    return (None, gold, text, rewritten) if gold.ok else (f"gold: {gold.error}", None, gold_sql, False)
+
+
+def _run_compat(context: ContextDB, sql: str) -> tuple[QueryResult, str, bool]:
+    """Run `sql` as written, else its first SQLite rewrite that runs (`compat.sqlite_rewrites`).
+
+    Returns (result, the text that ran, whether it was rewritten); on failure, the first attempt's error.
+    """
+    first: tuple[QueryResult, str, bool] | None = None
+    for text, rewritten in sqlite_rewrites(sql, context.template.limits.fixed_now):
+        result = _run(context, text)
+        ambiguous = _AMBIGUOUS.match(result.error or "")
+        if ambiguous and (qualified := qualify_equijoined(text, ambiguous.group(1))) is not None:
+            text, rewritten, result = qualified, True, _run(context, qualified)
+        if result.ok:
+            return result, text, rewritten
+        if result.error and result.error.startswith("timeout"):
+            return result, text, rewritten  # never retry what ran out of time
+        first = first or (result, text, rewritten)
+    return first or (QueryResult(error="no SQL statement"), sql, False)
 
 
 def _run(context: ContextDB, sql: str) -> QueryResult:
@@ -248,17 +423,26 @@ def _run(context: ContextDB, sql: str) -> QueryResult:
 def _metric_set(records: list[dict]) -> dict:
     scored = [r for r in records if r["gold_error"] is None]
     with_stop = [r for r in records if r.get("stopped") is not None]
-    return {
+    flags = {
+        "execution_accuracy": [bool(r["exec_match"]) for r in scored],
+        "execution_accuracy_single_db": [bool(r.get("exec_match_single_db", r["exec_match"])) for r in scored],
+        "exact_match": [bool(r["exact_match"]) for r in records],
+        "normalized_match": [bool(r["normalized_match"]) for r in records],
+        "valid_sql_rate": [bool(r["valid_sql"]) for r in records],
+        "empty_rate": [bool(r["empty"]) for r in records],
+        "runaway_rate": [not r["stopped"] for r in with_stop],
+    }
+    metrics: dict[str, Any] = {
         "n_rows": len(records),
         "n_gold_failed": len(records) - len(scored),
         "n_scored": len(scored),
-        "execution_accuracy": _share(r["exec_match"] for r in scored),
-        "exact_match": _share(r["exact_match"] for r in records),
-        "normalized_match": _share(r["normalized_match"] for r in records),
-        "valid_sql_rate": _share(r["valid_sql"] for r in records),
-        "empty_rate": _share(r["empty"] for r in records),
-        "runaway_rate": _share(not r["stopped"] for r in with_stop),
+        **{key: _share(values) for key, values in flags.items()},
+        "n_gold_transpiled": sum(bool(r.get("gold_transpiled")) for r in scored),
+        "n_context_transpiled": sum(bool(r.get("context_transpiled")) for r in records),
+        "n_pred_transpiled": sum(bool(r.get("pred_transpiled")) for r in records),
+        "ci95": {key: bootstrap_interval(values) for key, values in flags.items()},
     }
+    return metrics
 
 
 def _share(flags: Iterable[bool]) -> float | None:
@@ -272,10 +456,10 @@ def _deltas(base: dict, tuned: dict) -> dict[str, float | None]:
 
 
 def _index_predictions(rows: list[dict], predictions: list[dict]) -> dict[str, dict]:
-    known = {_id_key(row.get("id")) for row in rows}
+    known = {id_key(row.get("id")) for row in rows}
     by_id: dict[str, dict] = {}
     for prediction in predictions:
-        key = _id_key(prediction.get("id"))
+        key = id_key(prediction.get("id"))
         if key not in known:
             raise JobError(f"prediction for id {prediction.get('id')!r} matches no evaluation row")
         if key in by_id:
@@ -284,7 +468,7 @@ def _index_predictions(rows: list[dict], predictions: list[dict]) -> dict[str, d
     return by_id
 
 
-def _id_key(value: object) -> str:
+def id_key(value: object) -> str:
     """5, 5.0, "5" and " 5 " are one id; other values compare as stripped strings."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -331,3 +515,17 @@ def _distinct_choices(candidates: list[list[int]], chosen: tuple[int, ...]) -> I
     for option in candidates[len(chosen)]:
         if option not in chosen:
             yield from _distinct_choices(candidates, (*chosen, option))
+
+
+def compare_paired(base_records: list[dict], tuned_records: list[dict]) -> dict[str, dict]:
+    """tuned vs base on the rows both scored: exact McNemar test and paired-bootstrap interval, per accuracy."""
+    from job.evaluation.confidence import paired_comparison
+
+    base_by_id = {id_key(r.get("id")): r for r in base_records if r["gold_error"] is None}
+    pairs = [(base_by_id[id_key(r.get("id"))], r) for r in tuned_records
+             if r["gold_error"] is None and id_key(r.get("id")) in base_by_id]
+    fields = {"execution_accuracy": "exec_match", "execution_accuracy_single_db": "exec_match_single_db"}
+    return {
+        metric: paired_comparison([bool(b.get(field)) for b, _ in pairs], [bool(t.get(field)) for _, t in pairs])
+        for metric, field in fields.items()
+    }

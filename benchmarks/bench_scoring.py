@@ -1,0 +1,133 @@
+"""Scoring: the test-suite scorer vs the single-database scorer on the 400 shipped rows, in the same run.
+
+Usage: python benchmarks/bench_scoring.py  (prints the BENCHMARKS.md section; `benchmarks/run_all.py` runs it as
+phase `scoring`). Each mode runs in a fresh process so its peak memory is its own. Timed: scoring the gold
+queries as predictions (every prediction matches on its own database, so every suite database is run: the slowest
+case). Untimed, in the suite run: two constant predictors, to show what each metric lets through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {
+    "single_db": {"test_suite_size": 0, "workers": 1},
+    "suite_one_process": {"workers": 1},
+    "suite": {"workers": 0},
+}
+LABELS = {
+    "single_db": "single-DB scorer (baseline: `evaluation.test_suite_size=0`), 1 process",
+    "suite_one_process": "test-suite scorer (default suite), 1 process",
+    "suite": "test-suite scorer (default suite), one process per core",
+}
+
+
+def _first_table(context: str) -> str:
+    match = re.search(r"create\s+table\s+(?:if\s+not\s+exists\s+)?([\w.`\"]+)", context, re.I)
+    return match.group(1).split(".")[-1].strip('`"') if match else "t"
+
+
+def _child(mode: str) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from job.evaluation.scoring import ScoringSettings, score_models
+    from job.settings import shipped_sample
+
+    rows = [json.loads(line) for line in shipped_sample().read_text().splitlines()]
+    settings = ScoringSettings(**MODES[mode])
+    gold = {"gold": [{"id": r["id"], "sql": r["sql"]} for r in rows]}
+    start = time.monotonic()
+    metrics, _ = score_models(rows, gold, settings)["gold"]
+    seconds = time.monotonic() - start
+    out: dict[str, Any] = {"seconds": seconds, "rows": len(rows), "n_scored": metrics["n_scored"],
+                           "gold_accuracy": metrics["execution_accuracy"], "test_suite": metrics["test_suite"]}
+    if mode == "suite":
+        tables = [(r["id"], _first_table(r["sql_context"])) for r in rows]
+        constants = {
+            "empty": [{"id": i, "sql": f"SELECT * FROM {table} WHERE 1=0"} for i, table in tables],
+            "star": [{"id": i, "sql": f"SELECT * FROM {table}"} for i, table in tables],
+        }
+        for label, (m, _) in score_models(rows, constants, settings).items():
+            out[label] = {k: m[k] for k in ("execution_accuracy", "execution_accuracy_single_db", "ci95")}
+    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out["peak_rss_mb"] = usage_self / 1024
+    out["peak_worker_rss_mb"] = usage_children / 1024 if usage_children else None
+    return out
+
+
+def run() -> dict[str, Any]:
+    """Every mode in its own process; the load average shows how busy the machine was."""
+    results: dict[str, Any] = {"cores": len(os.sched_getaffinity(0)), "load_before": os.getloadavg()[0]}
+    for mode in MODES:
+        done = subprocess.run([sys.executable, __file__, f"--mode={mode}"], cwd=ROOT, check=True, text=True,
+                              capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    results["load_after"] = os.getloadavg()[0]
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    single, suite = r["single_db"], r["suite"]
+    power = suite["test_suite"]
+    rows = "\n".join(
+        f"| {LABELS[mode]} | {r[mode]['seconds']:.1f} s | {r[mode]['seconds'] / single['seconds']:.1f}x | "
+        f"{r[mode]['peak_rss_mb']:.0f} MB"
+        + (f" (+ {r[mode]['peak_worker_rss_mb']:.0f} MB per worker)" if r[mode].get("peak_worker_rss_mb") else "")
+        + " |"
+        for mode in MODES
+    )
+    constants = "\n".join(
+        f"| {name} | {_pct(suite[key]['execution_accuracy'])}{_ci(suite[key]['ci95']['execution_accuracy'])} | "
+        f"{_pct(suite[key]['execution_accuracy_single_db'])}"
+        f"{_ci(suite[key]['ci95']['execution_accuracy_single_db'])} |"
+        for key, name in (("empty", "`SELECT * FROM <first table> WHERE 1=0`"),
+                          ("star", "`SELECT * FROM <first table>`"))
+    )
+    return f"""## 5. Scoring: test-suite execution accuracy vs the single database
+
+`python benchmarks/bench_scoring.py` (phase `scoring` of `make bench`): the {suite['rows']} shipped rows
+({suite['n_scored']} scorable; gold scores {_pct(suite['gold_accuracy'])}), the gold queries as predictions (every
+one matches on its own database, so every suite database runs: the slowest case). Each mode in a fresh process;
+{r['cores']} cores, load average {r['load_before']:.1f} before and {r['load_after']:.1f} after (other agents share
+the machine: the ratios, measured in the same run, are the point).
+
+| scorer | wall time | vs single-DB | peak memory (RSS) |
+|---|---|---|---|
+{rows}
+
+Suite power: the default suite (up to {power['size']} databases per row, {power['candidates']} candidates,
+mean {power['mean_databases']:.2f} kept) rejects **{_pct(power['power'])}** of the {power['neighbours']} wrong
+neighbours of the gold queries; the row's own database alone rejects {_pct(power['power_single_db'])}.
+
+| constant predictor (95% interval) | test-suite accuracy | single-DB accuracy |
+|---|---|---|
+{constants}
+"""
+
+
+if __name__ == "__main__":
+    mode_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--mode=")), None)
+    if mode_arg:
+        print(json.dumps(_child(mode_arg)))
+    else:
+        measured = run()
+        (ROOT / "runs" / "bench").mkdir(parents=True, exist_ok=True)
+        (ROOT / "runs" / "bench" / "scoring.json").write_text(json.dumps(measured, indent=2))
+        print(markdown(measured))
