@@ -45,16 +45,6 @@ def family_model(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-@pytest.fixture(scope="session")
-def short_rows(tmp_path_factory: pytest.TempPathFactory, sample_path: Path) -> Path:
-    """The 5 shortest real rows, so a few steps teach a tiny model to answer and stop."""
-    rows = [json.loads(line) for line in sample_path.read_text().splitlines()]
-    rows.sort(key=lambda r: len(r["sql_context"]) + len(r["sql_prompt"]) + len(r["sql"]))
-    path = tmp_path_factory.mktemp("short") / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
-    return path
-
-
 def test_every_family_preset_is_covered():
     shipped = {name for name in list_presets() if not name.startswith(("gemma-2b-it", "smollm2"))}
     assert shipped == set(PRESET_FAMILY)

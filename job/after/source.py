@@ -1,0 +1,87 @@
+"""Find a run's adapter, config and manifest from a run folder, an adapter folder, or an s3:// URI of either."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from job.config import JobConfig, ModelConfig
+from job.errors import ConfigError, MissingInputError
+from job.settings import CONFIG_FILE, MANIFEST, cache_root
+from job.storage import objects as storage
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class RunSource:
+    uri: str
+    adapter_dir: Path
+    """A local copy of the peft adapter folder."""
+    config: JobConfig | None
+    """The run's resolved config (None for a bare adapter folder)."""
+    manifest: dict[str, Any] | None
+
+    @property
+    def adapter_config(self) -> dict[str, Any]:
+        return json.loads((self.adapter_dir / ADAPTER_CONFIG).read_text())
+
+    @property
+    def run_id(self) -> str:
+        return (self.manifest or {}).get("run_id") or self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def model_config(self) -> ModelConfig:
+        """The base model as the run trained it; for a bare adapter, the base its adapter_config names."""
+        if self.config is not None:
+            return self.config.model.model_copy()
+        return ModelConfig(name=self.adapter_config["base_model_name_or_path"], quantization="none")
+
+
+def _read_config(text: str | None, where: str) -> JobConfig | None:
+    if text is None:
+        return None
+    try:
+        return JobConfig.model_validate(yaml.safe_load(text))
+    except Exception as exc:
+        raise ConfigError(f"{where}: not a readable run config ({type(exc).__name__})") from None
+
+
+def _read_optional(uri: str) -> str | None:
+    try:
+        return storage.read_text(uri)
+    except storage.NotFound:
+        return None
+
+
+def open_run_source(uri: str, option: str = "RUN") -> RunSource:
+    """A run folder (`<run>/adapter/`), or an adapter folder, local or s3://; one-line errors otherwise."""
+    uri = uri.rstrip("/") or uri
+    if storage.is_remote(uri):
+        if storage.exists(storage.join(uri, "adapter", ADAPTER_CONFIG)):
+            adapter_uri, run_uri = storage.join(uri, "adapter"), uri
+        elif storage.exists(storage.join(uri, ADAPTER_CONFIG)):
+            adapter_uri, run_uri = uri, None
+        else:
+            raise MissingInputError(f"{option} {uri}: no run (adapter/{ADAPTER_CONFIG}) or adapter ({ADAPTER_CONFIG})")
+        adapter_dir = storage.fetch_to_cache(adapter_uri, cache_root() / "adapters")
+    else:
+        path = storage.local_path(uri)
+        if not path.exists():
+            raise MissingInputError(f"{option} {uri}: no such folder")
+        if (path / "adapter" / ADAPTER_CONFIG).is_file():
+            adapter_dir, run_uri = path / "adapter", uri
+        elif (path / ADAPTER_CONFIG).is_file():
+            adapter_dir = path
+            run_uri = str(path.parent) if (path.parent / CONFIG_FILE).is_file() else None
+        else:
+            raise ConfigError(f"{option} {uri}: not a run folder (no adapter/{ADAPTER_CONFIG}) nor an adapter folder")
+    config = manifest = None
+    if run_uri is not None:
+        config = _read_config(_read_optional(storage.join(run_uri, CONFIG_FILE)), f"{option} {uri}")
+        text = _read_optional(storage.join(run_uri, MANIFEST))
+        manifest = json.loads(text) if text else None
+    return RunSource(uri=uri, adapter_dir=adapter_dir, config=config, manifest=manifest)
