@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from tiny import build_model_dir
 
 FAST_TRAIN = [
@@ -62,3 +63,17 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, eos_only_base: Path, shor
 def qlora_run(tmp_path_factory: pytest.TempPathFactory, eos_only_base: Path, short_rows: Path) -> Path:
     """A finished QLoRA (4-bit NF4 base) run, trained a few steps, not evaluated."""
     return _train_run(tmp_path_factory.mktemp("qlora-run"), "gemma-2b-it-qlora", eos_only_base, short_rows, 4, False)
+
+
+def train_rows(run: Path) -> list[dict]:
+    """The run's training rows (its short source minus the held-out ids)."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    held_out = {str(i) for i in json.loads((run / "data" / "eval_ids.json").read_text())}
+    rows = [json.loads(line) for line in Path(cfg["data"]["source"]).read_text().splitlines()]
+    return [r for r in rows if str(r["id"]) not in held_out]
+
+
+def one_line_error(code: int, stderr: str, expected_code: int, text: str) -> None:
+    assert code == expected_code, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0] and "Traceback" not in stderr

@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from after_fixtures import one_line_error, train_rows
 from cli_runner import run_cli
 
 from job.data.prompts import ChatFormatter
 from job.errors import EXIT_MISSING_INPUT, EXIT_USAGE
 
 ROW = {"sql_context": "CREATE TABLE t (a INT);", "sql_prompt": "How many rows?", "sql": ""}
-
-
-def _train_rows(run: Path) -> list[dict]:
-    """The run's training rows (its short source minus the held-out ids)."""
-    import yaml
-
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    held_out = {str(i) for i in json.loads((run / "data" / "eval_ids.json").read_text())}
-    rows = [json.loads(line) for line in Path(cfg["data"]["source"]).read_text().splitlines()]
-    return [r for r in rows if str(r["id"]) not in held_out]
 
 
 def _peft_logits(base_dir: Path, adapter: Path, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,7 +57,7 @@ def test_merged_export_equals_the_adapter_loads_plainly_and_stops(capsys, tmp_pa
 
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    row = _train_rows(lora_run)[0]
+    row = train_rows(lora_run)[0]
     prompt = ChatFormatter(tokenizer).prompt(row)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -146,34 +137,28 @@ def odd_adapters(tmp_path_factory, eos_only_base):
     }
 
 
-def _one_line_error(code: int, stderr: str, expected_code: int, text: str) -> None:
-    assert code == expected_code, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0] and "Traceback" not in stderr
-
-
 def test_bad_input_exits_with_one_line_and_overwrites_nothing(capsys, tmp_path, lora_run, odd_adapters):
     out = tmp_path / "out"
     code, _, stderr = run_cli(capsys, "export", str(odd_adapters["prompt"]), "--output", str(out))
-    _one_line_error(code, stderr, EXIT_USAGE, "PROMPT_TUNING adapter has no weights to merge")
+    one_line_error(code, stderr, EXIT_USAGE, "PROMPT_TUNING adapter has no weights to merge")
     assert "AutoPeftModelForCausalLM" in stderr and not out.exists()
 
     code, _, stderr = run_cli(capsys, "export", str(odd_adapters["dora"]), "--output", str(out), "--format", "vllm")
-    _one_line_error(code, stderr, EXIT_USAGE, "vLLM does not support DoRA")
+    one_line_error(code, stderr, EXIT_USAGE, "vLLM does not support DoRA")
     assert not out.exists()
 
     code, _, stderr = run_cli(capsys, "export", str(tmp_path / "nope"), "--output", str(out))
-    _one_line_error(code, stderr, EXIT_MISSING_INPUT, "no such folder")
+    one_line_error(code, stderr, EXIT_MISSING_INPUT, "no such folder")
 
     code, _, stderr = run_cli(capsys, "export", str(tmp_path), "--output", str(out))
-    _one_line_error(code, stderr, EXIT_USAGE, "not a run folder")
+    one_line_error(code, stderr, EXIT_USAGE, "not a run folder")
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, stderr = run_cli(capsys, "export", str(lora_run), "--output", str(out))
-    _one_line_error(code, stderr, EXIT_USAGE, "not empty")
+    one_line_error(code, stderr, EXIT_USAGE, "not empty")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
     code, _, stderr = run_cli(capsys, "export", str(lora_run), "--output", str(tmp_path / "x"), "--dtype", "int4")
-    _one_line_error(code, stderr, EXIT_USAGE, "--dtype")
+    one_line_error(code, stderr, EXIT_USAGE, "--dtype")
     assert not list(tmp_path.glob(".x.partial-*")) and not (tmp_path / "x").exists()
