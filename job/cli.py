@@ -121,7 +121,12 @@ def run(
     """Train, then evaluate the base and the tuned model on the same rows, and publish the run."""
     from job.pipeline import run_pipeline
 
-    run_pipeline(_load(config_name, overrides, output, run_id), resume=resume, overwrite=overwrite, evaluate=True)
+    cfg = _load(config_name, overrides, output, run_id)
+    summary = run_pipeline(cfg, resume=resume, overwrite=overwrite, evaluate=True)
+    if cfg.training.report_to in ("mlflow", "wandb"):
+        from job.after.tracking import log_eval_metrics
+
+        log_eval_metrics(cfg.training.report_to, summary["run_id"], summary.get("metrics"))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ field. The resolved config is saved with each run and never holds secrets (token
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from importlib import resources
 from pathlib import Path
@@ -92,6 +93,13 @@ class TrainingConfig(_Section):
     (MLFLOW_TRACKING_URI, WANDB_PROJECT, credentials) come from the environment, never from the config."""
     checkpoint_uri: str | None = None
     """Where checkpoints are mirrored as they are saved (e.g. `s3://bucket/ckpt/run`), for resume on a new machine."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracker_installed(cls, value: str) -> str:
+        if value != "none" and importlib.util.find_spec(value) is None:
+            raise ValueError(f"needs the {value} package: pip install 'finetune-job[tracking]'")
+        return value
 
 
 class EvaluationConfig(_Section):

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from job.config import JobConfig, ModelConfig
+from job.config import ModelConfig
 from job.errors import ConfigError, MissingInputError
 from job.settings import CONFIG_FILE, MANIFEST, cache_root
 from job.storage import objects as storage
@@ -22,8 +22,8 @@ class RunSource:
     uri: str
     adapter_dir: Path
     """A local copy of the peft adapter folder."""
-    config: JobConfig | None
-    """The run's resolved config (None for a bare adapter folder)."""
+    model: ModelConfig | None
+    """The run's base model config (None for a bare adapter folder)."""
     manifest: dict[str, Any] | None
 
     @property
@@ -36,16 +36,17 @@ class RunSource:
 
     def model_config(self) -> ModelConfig:
         """The base model as the run trained it; for a bare adapter, the base its adapter_config names."""
-        if self.config is not None:
-            return self.config.model.model_copy()
+        if self.model is not None:
+            return self.model.model_copy()
         return ModelConfig(name=self.adapter_config["base_model_name_or_path"], quantization="none")
 
 
-def _read_config(text: str | None, where: str) -> JobConfig | None:
+def _read_model_config(text: str | None, where: str) -> ModelConfig | None:
+    """Only the model section: the rest of a run's config (e.g. its tracker) need not apply on this machine."""
     if text is None:
         return None
     try:
-        return JobConfig.model_validate(yaml.safe_load(text))
+        return ModelConfig.model_validate((yaml.safe_load(text) or {})["model"])
     except Exception as exc:
         raise ConfigError(f"{where}: not a readable run config ({type(exc).__name__})") from None
 
@@ -79,9 +80,9 @@ def open_run_source(uri: str, option: str = "RUN") -> RunSource:
             run_uri = str(path.parent) if (path.parent / CONFIG_FILE).is_file() else None
         else:
             raise ConfigError(f"{option} {uri}: not a run folder (no adapter/{ADAPTER_CONFIG}) nor an adapter folder")
-    config = manifest = None
+    model = manifest = None
     if run_uri is not None:
-        config = _read_config(_read_optional(storage.join(run_uri, CONFIG_FILE)), f"{option} {uri}")
+        model = _read_model_config(_read_optional(storage.join(run_uri, CONFIG_FILE)), f"{option} {uri}")
         text = _read_optional(storage.join(run_uri, MANIFEST))
         manifest = json.loads(text) if text else None
-    return RunSource(uri=uri, adapter_dir=adapter_dir, config=config, manifest=manifest)
+    return RunSource(uri=uri, adapter_dir=adapter_dir, model=model, manifest=manifest)
