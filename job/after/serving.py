@@ -41,8 +41,10 @@ def adapter_modules(adapter_dir: Path) -> set[str]:
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as tensors:
         for name in tensors.keys():  # noqa: SIM118 (safe_open is not a mapping)
             parts = name.split(".")
-            # `...q_proj.lora_A.weight`; a whole saved module (modules_to_save) is `...embed_tokens.weight`
-            marker = next((i for i, p in enumerate(parts) if p.startswith("lora_")), len(parts) - 1)
+            # `...q_proj.lora_A.weight`, `...embed_tokens.lora_embedding_A`, `...embed_tokens.base_layer.weight`
+            # (peft saves the base embedding when it is a target); a whole saved module is `...lm_head.weight`
+            marker = next((i for i, p in enumerate(parts) if p.startswith("lora_") or p == "base_layer"),
+                          len(parts) - 1)
             modules.add(parts[marker - 1] if marker else name)
     return modules
 
