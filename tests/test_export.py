@@ -142,6 +142,8 @@ def test_bad_input_exits_with_one_line_and_overwrites_nothing(capsys, tmp_path, 
     code, _, stderr = run_cli(capsys, "export", str(odd_adapters["prompt"]), "--output", str(out))
     one_line_error(code, stderr, EXIT_USAGE, "PROMPT_TUNING adapter has no weights to merge")
     assert "AutoPeftModelForCausalLM" in stderr and not out.exists()
+    code, _, stderr = run_cli(capsys, "export", str(odd_adapters["prompt"]), "--output", str(out), "--format", "vllm")
+    one_line_error(code, stderr, EXIT_USAGE, "vLLM serves LoRA only")
 
     code, _, stderr = run_cli(capsys, "export", str(odd_adapters["dora"]), "--output", str(out), "--format", "vllm")
     one_line_error(code, stderr, EXIT_USAGE, "vLLM does not support DoRA")

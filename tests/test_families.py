@@ -25,8 +25,8 @@ GENERATION_PROMPT = {
     "qwen2.5": "<|im_start|>assistant\n",
 }
 FAST = [
-    "data.max_train_rows=4", "data.max_eval_rows=1", "data.eval_fraction=0.2", "training.max_steps=30",
-    "training.per_device_batch_size=4", "training.gradient_accumulation_steps=1", "training.learning_rate=1e-2",
+    "data.max_train_rows=4", "data.max_eval_rows=1", "data.eval_fraction=0.2", "training.max_steps=16",
+    "training.per_device_batch_size=4", "training.gradient_accumulation_steps=1", "training.learning_rate=2e-2",
     "training.warmup_ratio=0", "training.lr_scheduler=constant", "training.logging_steps=5",
     "training.save_steps=1000", "training.gradient_checkpointing=false", "training.report_to=none",
 ]

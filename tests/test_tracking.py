@@ -67,7 +67,7 @@ def test_wandb_offline_gets_training_and_eval_metrics_under_the_run_id(capsys, t
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_PROJECT", "text-to-sql")
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    monkeypatch.setenv("WANDB_RUN_ID", "replaced-by-the-job")  # the job sets it; teardown restores the environment
     run_dir, output = _run(capsys, tmp_path, eos_only_base, short_rows, "wandb", "wandb.run.1")
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     assert run.name.endswith("-wandb-run-1")  # the run id, made W&B-safe, is the W&B run id

@@ -47,7 +47,7 @@ def load_model(source: RunSource) -> tuple[Any, Any]:
 
     model_cfg = source.model_config()
     path = resolve_model_path(model_cfg.name)
-    tokenizer = load_tokenizer(model_cfg, str(source.adapter_dir))
+    tokenizer = load_tokenizer(model_cfg, source.tokenizer_path(path))
     try:
         model = PeftModel.from_pretrained(load_base_model(model_cfg, path), str(source.adapter_dir))
     except (OSError, ValueError) as exc:

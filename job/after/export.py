@@ -140,19 +140,23 @@ def export_merged(source: RunSource, output: str, dtype: str = "bf16") -> dict[s
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)  # no quantization_config: full precision
     merged = PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(str(source.adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path(base_path))
     formatter = ChatFormatter(tokenizer)
     merged.generation_config.eos_token_id = formatter.stop_ids
     if tokenizer.pad_token_id is not None:
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    stage = _stage_dir(output)
-    merged.save_pretrained(stage, max_shard_size="2GB")  # safetensors shards + index
-    tokenizer.save_pretrained(stage)
     stop_tokens = tokenizer.convert_ids_to_tokens(formatter.stop_ids)
     serve = f"vllm serve {output}"
-    (stage / "README.md").write_text(
-        _model_card(source, merged=True, dtype=dtype, base=model_cfg.name, stop_tokens=stop_tokens, serve=serve)
-    )
+    stage = _stage_dir(output)
+    try:
+        merged.save_pretrained(stage, max_shard_size="2GB")  # safetensors shards + index
+        tokenizer.save_pretrained(stage)
+        (stage / "README.md").write_text(
+            _model_card(source, merged=True, dtype=dtype, base=model_cfg.name, stop_tokens=stop_tokens, serve=serve)
+        )
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     location = _publish(stage, output, source, "merged", started)
     return {"location": location, "stop_tokens": stop_tokens, "serve": serve}
 
@@ -163,6 +167,7 @@ def export_for_vllm(source: RunSource, output: str) -> dict[str, Any]:
 
     from job.train.model import resolve_model_path
 
+    check_mergeable(source)  # only LoRA adapters are served as adapters, too
     model_cfg = source.model_config()
     config = source.adapter_config
     model_type = None
@@ -173,22 +178,27 @@ def export_for_vllm(source: RunSource, output: str) -> dict[str, Any]:
         raise ConfigError(f"{source.uri}: vLLM would refuse this adapter: {problems[0]}")
     refuse_existing_output(output)
     started = _now()
-    stage = _stage_dir(output)
-    for name in os.listdir(source.adapter_dir):
-        if name.startswith(ADAPTER_FILES) or name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(source.adapter_dir / name, stage / name)
     serve = vllm_serve_command(model_cfg.name, output, int(config["r"]))
-    (stage / "README.md").write_text(
-        _model_card(source, merged=False, dtype="-", base=model_cfg.name, stop_tokens=[], serve=serve)
-    )
+    stage = _stage_dir(output)
+    try:
+        for name in os.listdir(source.adapter_dir):
+            if name.startswith(ADAPTER_FILES) or name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy2(source.adapter_dir / name, stage / name)
+        (stage / "README.md").write_text(
+            _model_card(source, merged=False, dtype="-", base=model_cfg.name, stop_tokens=[], serve=serve)
+        )
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     location = _publish(stage, output, source, "vllm-lora", started)
     return {"location": location, "serve": serve}
 
 
 def check_mergeable(source: RunSource) -> None:
+    """Only LoRA adapters can be merged (or served by vLLM as adapters)."""
     peft_type = source.adapter_config.get("peft_type")
     if peft_type != "LORA":
         raise ConfigError(
-            f"{source.uri}: a {peft_type} adapter has no weights to merge into the base; serve it with peft "
-            "(AutoPeftModelForCausalLM on the adapter folder), or train with method.type=lora to export a merged model"
+            f"{source.uri}: a {peft_type} adapter has no weights to merge into the base and vLLM serves LoRA only; "
+            "serve it with peft (AutoPeftModelForCausalLM on the adapter folder), or train with method.type=lora"
         )

@@ -34,6 +34,10 @@ class RunSource:
     def run_id(self) -> str:
         return (self.manifest or {}).get("run_id") or self.uri.rstrip("/").rsplit("/", 1)[-1]
 
+    def tokenizer_path(self, base_path: str) -> str:
+        """The adapter's tokenizer (the job saves it there, chat template included), else the base model's."""
+        return str(self.adapter_dir) if (self.adapter_dir / "tokenizer_config.json").is_file() else base_path
+
     def model_config(self) -> ModelConfig:
         """The base model as the run trained it; for a bare adapter, the base its adapter_config names."""
         if self.model is not None:
