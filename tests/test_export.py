@@ -116,10 +116,16 @@ def test_export_to_s3_writes_the_manifest_last(capsys, tmp_path, lora_run, s3_bu
 
 
 def _adapter(base: Path, path: Path, peft_config) -> Path:
+    """An untrained adapter with random (not zero) LoRA B, so that it changes the model."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft_config).save_pretrained(path)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft_config)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    model.save_pretrained(path)
     AutoTokenizer.from_pretrained(base).save_pretrained(path)
     return path
 
@@ -133,8 +139,25 @@ def odd_adapters(tmp_path_factory, eos_only_base):
         "prompt": _adapter(eos_only_base, root / "prompt", PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                                              num_virtual_tokens=4)),
         "dora": _adapter(eos_only_base, root / "dora", LoraConfig(task_type=TaskType.CAUSAL_LM, r=8,
-                                                                 target_modules="all-linear", use_dora=True)),
+                                                                 target_modules="all-linear", use_dora=True,
+                                                                 use_rslora=True)),
     }
+
+
+def test_dora_rslora_adapter_merges_exactly(capsys, tmp_path, odd_adapters, eos_only_base):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((odd_adapters["dora"] / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"]
+    out = tmp_path / "merged-dora"
+    code, _, stderr = run_cli(capsys, "export", str(odd_adapters["dora"]), "--output", str(out), "--dtype", "fp32")
+    assert code == 0, stderr
+    input_ids = torch.arange(5, 30).reshape(1, 25)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=input_ids).logits
+        base = AutoModelForCausalLM.from_pretrained(eos_only_base)(input_ids=input_ids).logits
+    expected = _peft_logits(eos_only_base, odd_adapters["dora"], input_ids)
+    assert torch.allclose(logits, expected, atol=1e-4) and not torch.allclose(base, expected, atol=1e-2)
 
 
 def test_bad_input_exits_with_one_line_and_overwrites_nothing(capsys, tmp_path, lora_run, odd_adapters):

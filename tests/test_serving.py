@@ -54,3 +54,11 @@ def test_serve_line_uses_the_smallest_rank_vllm_accepts():
     assert vllm_serve_command("google/gemma-2b-it", "/runs/r 1/adapter", 16) == (
         "vllm serve google/gemma-2b-it --enable-lora --lora-modules 'sql=/runs/r 1/adapter' --max-lora-rank 16"
     )
+
+
+def test_dora_and_rslora_reach_peft(tiny_model):
+    cfg = load_config("gemma-2b-it-lora", ["method.use_dora=true", "method.use_rslora=true"], environ={})
+    lora = peft_config(cfg.method, str(tiny_model))
+    assert lora.use_dora is True and lora.use_rslora is True
+    plain = peft_config(load_config("gemma-2b-it-lora", environ={}).method, str(tiny_model))
+    assert plain.use_dora is False and plain.use_rslora is False
