@@ -46,7 +46,7 @@ def test_merged_export_equals_the_adapter_loads_plainly_and_stops(capsys, tmp_pa
     assert f"serve with: vllm serve {out}" in stdout and "<end_of_turn>" in stdout
     assert list(out.glob("model*.safetensors")) and (out / "tokenizer.json").is_file()
     manifest = _check_manifest(out)
-    assert manifest["status"] == "exported" and manifest["config"]["run_id"] == "r1"
+    assert manifest["status"] == "exported" and manifest["run_id"] == manifest["config"]["run_id"] == "r1"
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")

@@ -107,6 +107,7 @@ def _publish(stage: Path, output: str, source: RunSource, kind: str, started: st
     config = {"export": kind, "source": source.uri, "run_id": source.run_id}
     manifest = build_manifest(stage, config=config, status="exported", started_at=started, ended_at=_now(),
                               metrics={"tuned": headline_metrics(source)} if headline_metrics(source) else None)
+    manifest["run_id"] = source.run_id  # the run this model comes from, not the staging folder's name
     try:
         if storage.is_remote(output):
             return publish_run(stage, output, manifest)
