@@ -5,6 +5,7 @@ manifests; an unknown or missing tracker is a one-line configuration error."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,14 @@ def test_wandb_offline_gets_training_and_eval_metrics_under_the_run_id(capsys, t
     run_dir, output = _run(capsys, tmp_path, eos_only_base, short_rows, "wandb", "wandb.run.1")
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     assert run.name.endswith("-wandb-run-1")  # the run id, made W&B-safe, is the W&B run id
-    records = next(run.glob("*.wandb")).read_bytes()  # the offline run's protobuf log holds key names verbatim
-    for key in (b"train/loss", b"eval/tuned/execution_accuracy", b"eval/tuned/valid_sql_rate", b"wandb.run.1"):
+    keys = (b"train/loss", b"eval/tuned/execution_accuracy", b"eval/tuned/valid_sql_rate", b"wandb.run.1")
+    deadline = time.monotonic() + 60
+    while True:  # W&B's service process writes the offline log (protobuf: key names verbatim) asynchronously
+        records = b"".join(path.read_bytes() for path in run.glob("*.wandb"))
+        if all(key in records for key in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for key in keys:
         assert key in records, key
     _assert_no_secret(tmp_path / "wandb", run_dir, text=output)
 
