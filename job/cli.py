@@ -121,7 +121,12 @@ def run(
     """Train, then evaluate the base and the tuned model on the same rows, and publish the run."""
     from job.pipeline import run_pipeline
 
-    run_pipeline(_load(config_name, overrides, output, run_id), resume=resume, overwrite=overwrite, evaluate=True)
+    cfg = _load(config_name, overrides, output, run_id)
+    summary = run_pipeline(cfg, resume=resume, overwrite=overwrite, evaluate=True)
+    if cfg.training.report_to in ("mlflow", "wandb"):
+        from job.after.tracking import log_eval_metrics
+
+        log_eval_metrics(cfg.training.report_to, summary["run_id"], summary.get("metrics"))
 
 
 @cli.command()
@@ -271,6 +276,93 @@ def artifacts_push(run_dir: Path, dest_uri: str) -> None:
     from job.storage.publish import publish_run
 
     click.echo(f"published {publish_run(run_dir, dest_uri)}")
+
+
+@cli.command()
+@click.argument("run_or_adapter")
+@click.option("--output", required=True, help="New folder or s3:// URI for the exported model (never overwritten).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Precision of the merged weights (QLoRA bases are reloaded in it, never merged in 4-bit).")
+@click.option("--format", "export_format", type=click.Choice(["merged", "vllm"]), default="merged", show_default=True,
+              help="merged: adapter merged into the base; vllm: the adapter checked for vLLM's LoRA loader.")
+def export(run_or_adapter: str, output: str, dtype: str, export_format: str) -> None:
+    """Export a run's model (RUN_OR_ADAPTER: run or adapter folder, local or s3://) for serving."""
+    from job.after.export import export_for_vllm, export_merged, refuse_existing_output
+    from job.after.source import open_run_source
+
+    refuse_existing_output(output)
+    source = open_run_source(run_or_adapter, "RUN_OR_ADAPTER")
+    if export_format == "vllm":
+        result = export_for_vllm(source, output)
+    else:
+        result = export_merged(source, output, dtype)
+        click.echo(f"stops at: {' '.join(result['stop_tokens'])}")
+    click.echo(f"exported {result['location']}")
+    click.echo(f"serve with: {result['serve']}")
+
+
+@cli.command()
+@click.option("--run", "run_uri", required=True, help="Run or adapter folder, local or s3://.")
+@click.option("--schema", "schema_path", type=click.Path(path_type=Path),
+              help="SQL file with the CREATE TABLE (and INSERT) statements the questions are about.")
+@click.option("--file", "questions_file", type=click.Path(path_type=Path),
+              help='JSON lines {"question": ..., optional "id", "schema"}: answered in batches, one JSON line each.')
+@click.option("--execute", is_flag=True, help="Run the SQL in the in-memory sandbox on the schema's data.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.argument("question", required=False)
+def ask(
+    run_uri: str, schema_path: Path | None, questions_file: Path | None, execute: bool, max_new_tokens: int,
+    batch_size: int, question: str | None,
+) -> None:
+    """Answer QUESTION (or --file's questions) about --schema with a run's model; print the SQL."""
+    import json
+
+    from job.after.ask import answer, as_rows, format_table, load_model, read_questions
+    from job.after.source import open_run_source
+    from job.errors import MissingInputError
+
+    if bool(question) == bool(questions_file):
+        raise ConfigError('give exactly one of a QUESTION argument and --file questions.jsonl')
+    schema = ""
+    if schema_path is not None:
+        if not schema_path.is_file():
+            raise MissingInputError(f"--schema {schema_path}: no such file")
+        schema = schema_path.read_text()
+    questions = read_questions(questions_file) if questions_file else [{"question": question}]
+    if not schema.strip() and not all(q.get("schema") for q in questions):
+        raise ConfigError("--schema schema.sql is required (or a \"schema\" in every --file line)")
+    source = open_run_source(run_uri, "--run")
+    model, tokenizer = load_model(source)
+    answers = answer(model, tokenizer, as_rows(schema, questions), execute=execute,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if questions_file:
+        for record in answers:
+            click.echo(json.dumps(record, default=str))
+        return
+    record = answers[0]
+    click.echo(record["sql"])
+    if execute:
+        result = format_table(record["columns"], record["rows"]) if "error" not in record else None
+        click.echo(result or f"execution error: {record['error']}")
+
+
+@cli.command()
+@click.argument("run_uris", nargs=-1, required=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("compare.md"),
+              show_default=True, help="Markdown file the table is written to.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output file.")
+def compare(run_uris: tuple[str, ...], output: Path, overwrite: bool) -> None:
+    """Compare finished runs (folders or s3:// URIs) side by side, from their manifests."""
+    from job.after.compare import load_run, markdown_table
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"--output {output} already exists; pass --overwrite to replace it")
+    table = markdown_table([load_run(uri) for uri in run_uris])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
+    click.echo(table, nl=False)
+    click.echo(f"wrote {output}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ field. The resolved config is saved with each run and never holds secrets (token
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from importlib import resources
 from pathlib import Path
@@ -44,6 +45,10 @@ class MethodConfig(_Section):
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, peft's `use_dora`); vLLM cannot serve DoRA adapters: export them merged."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA (peft's `use_rslora`): scales by alpha/sqrt(r) instead of alpha/r."""
     num_virtual_tokens: int = Field(20, ge=1)
     prompt_tuning_init_text: str | None = "Translate the question into a SQL query for the given database schema:"
 
@@ -83,8 +88,18 @@ class TrainingConfig(_Section):
     save_steps: int = Field(100, ge=1)
     save_total_limit: int | None = Field(3, ge=1)
     seed: int = 42
+    report_to: Literal["tensorboard", "mlflow", "wandb", "none"] = "tensorboard"
+    """Experiment tracker, through transformers' integration; the run id is the tracker's run name. Its settings
+    (MLFLOW_TRACKING_URI, WANDB_PROJECT, credentials) come from the environment, never from the config."""
     checkpoint_uri: str | None = None
     """Where checkpoints are mirrored as they are saved (e.g. `s3://bucket/ckpt/run`), for resume on a new machine."""
+
+    @field_validator("report_to")
+    @classmethod
+    def _tracker_installed(cls, value: str) -> str:
+        if value != "none" and importlib.util.find_spec(value) is None:
+            raise ValueError(f"needs the {value} package: pip install 'finetune-job[tracking]'")
+        return value
 
 
 class EvaluationConfig(_Section):

@@ -38,4 +38,5 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
         if name.startswith("FINETUNE_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
+from after_fixtures import *  # noqa: E402,F403  (tiny trained runs for export/ask/compare)
 from s3_fixtures import *  # noqa: E402,F403  (loopback S3 server fixtures)

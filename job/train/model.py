@@ -160,6 +160,8 @@ def peft_config(method: MethodConfig, tokenizer_path: str) -> Any:
             lora_alpha=method.lora_alpha,
             lora_dropout=method.lora_dropout,
             target_modules=method.target_modules,
+            use_dora=method.use_dora,
+            use_rslora=method.use_rslora,
             bias="none",
             task_type=TaskType.CAUSAL_LM,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -115,6 +116,11 @@ def uses_packing(cfg: JobConfig, model: Any) -> bool:
     return "flash" in str(getattr(model.config, "_attn_implementation", ""))
 
 
+def tracker_run_id(run_id: str) -> str:
+    """The run id with what W&B does not allow in run ids (anything but letters, digits, '-', '_') replaced."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", run_id)
+
+
 def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> Any:
     import torch
     from trl import SFTConfig
@@ -127,6 +133,8 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
     dtype = compute_dtype(cfg.model)
     packing = uses_packing(cfg, model)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.sub("logs", "tensorboard"))  # read by transformers' callback
+    if t.report_to == "wandb":  # W&B's run id is the job's, so evaluation can add its metrics to the same run
+        os.environ["WANDB_RUN_ID"] = tracker_run_id(run.run_id)
     return SFTConfig(
         output_dir=str(run.sub("checkpoints")),
         max_length=t.max_seq_len,
@@ -154,7 +162,8 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         save_total_limit=t.save_total_limit,
         seed=t.seed,
         data_seed=t.seed,
-        report_to=["tensorboard"],
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        run_name=run.run_id,
         dataloader_pin_memory=cuda,
         disable_tqdm=not sys.stderr.isatty(),
         ddp_find_unused_parameters=False,

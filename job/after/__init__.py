@@ -1,0 +1,1 @@
+"""After training: export a merged model, check adapters for serving engines, ask a run's model, compare runs."""
