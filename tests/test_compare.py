@@ -29,8 +29,8 @@ def _fake_run(root: Path, run_id: str, lora_r: int, metrics: dict, log: list[dic
 
 def _runs(root: Path) -> tuple[Path, Path]:
     new = _fake_run(root, "new", 32, {"tuned": {
-        "execution_accuracy": 0.42, "execution_accuracy_ci": [0.38, 0.46], "execution_accuracy_single_db": 0.5,
-        "execution_accuracy_single_db_ci": [0.45, 0.55], "valid_sql_rate": 0.9, "n_scored": 480}}, [
+        "execution_accuracy": 0.42, "execution_accuracy_single_db": 0.5, "valid_sql_rate": 0.9, "n_scored": 480,
+        "ci95": {"execution_accuracy": [0.38, 0.46], "execution_accuracy_single_db": [0.45, 0.55]}}}, [
         {"step": 10, "elapsed_s": 60.0, "tokens_per_s": 1000.0},
         {"step": 20, "elapsed_s": 150.0, "tokens_per_s": 2000.0},
     ])
@@ -84,3 +84,14 @@ def test_bad_input_is_one_line_and_keeps_the_existing_table(capsys, tmp_path):
     assert out.read_text() == "keep"
     code, _, stderr = run_cli(capsys, "compare", "--output", str(out))
     assert code == EXIT_USAGE and "Missing argument" in stderr
+
+
+def test_accuracy_cells_read_the_intervals_the_scorer_writes(sample_path):
+    from job.after.compare import accuracy_cell
+    from job.evaluation.scoring import score_predictions
+
+    rows = [json.loads(line) for line in sample_path.read_text().splitlines()[:20]]
+    metrics, _ = score_predictions(rows, [{"id": row["id"], "sql": row["sql"]} for row in rows])
+    low, high = metrics["ci95"]["execution_accuracy_single_db"]
+    cell = accuracy_cell(metrics, "execution_accuracy_single_db")
+    assert cell == f"{metrics['execution_accuracy_single_db']:.1%} [{low:.1%}, {high:.1%}]"

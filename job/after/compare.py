@@ -61,7 +61,7 @@ def accuracy_cell(metrics: dict[str, Any], key: str) -> str:
     value = metrics.get(key)
     if not isinstance(value, (int, float)):
         return MISSING
-    interval = metrics.get(f"{key}_ci")
+    interval = (metrics.get("ci95") or {}).get(key)  # as job.evaluation.scoring writes it
     numbers = isinstance(interval, (list, tuple)) and all(isinstance(v, (int, float)) for v in interval)
     if numbers and len(interval) == 2:
         return f"{value:.1%} [{interval[0]:.1%}, {interval[1]:.1%}]"
