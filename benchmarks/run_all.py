@@ -56,16 +56,16 @@ def quality(reuse: bool) -> dict[str, Any]:
 
 def _job_training(name: str, *overrides: str) -> dict[str, Any]:
     from job.data.prepare import prepare
-    from job.storage.run_folder import open_run_folder
     from job.train.model import load_tokenizer, resolve_model_path
+    from job.train.resume import plan_run
     from job.train.trainer import train
 
     cfg = _config(f"training.max_steps={TRAIN_STEPS}", f"output.uri={WORK / 'train'}", f"output.run_id={name}",
                   "training.save_steps=1000", "training.logging_steps=1", *overrides)
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, path)
-    result = train(cfg, open_run_folder(cfg, "never", overwrite=True), prepare(cfg, tokenizer), resume="never",
-                   model_path=path, tokenizer=tokenizer)
+    plan = plan_run(cfg, "never", overwrite=True)
+    result = train(plan.cfg, plan.run, prepare(cfg, tokenizer), checkpoint=None, model_path=path, tokenizer=tokenizer)
     return {"non_padding_share": result.real_tokens / result.processed_tokens, "real_tokens": result.real_tokens,
             "seconds": result.train_seconds, "real_tokens_per_s": result.real_tokens / result.train_seconds}
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from job.config import JobConfig
 from job.storage.objects import is_remote
-from job.storage.run_folder import open_run_folder
 
 
 def _now() -> str:
@@ -36,28 +35,25 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
     from job.data.sources import check_source
     from job.storage.publish import build_manifest, publish_run
     from job.train.model import load_tokenizer, resolve_model_path
+    from job.train.resume import plan_run
     from job.train.trainer import train
 
     started = _now()
     check_source(cfg.data.source)
-    model_path = resolve_model_path(cfg.model.name)
-    run = open_run_folder(cfg, resume, overwrite)
-    destination = f"{cfg.output.uri.rstrip('/')}/{run.run_id}"
-    if run.finished:
+    model_path = resolve_model_path(cfg.model.name)  # the one place the model's location is resolved
+    plan = plan_run(cfg, resume, overwrite)
+    cfg, run = plan.cfg, plan.run  # from here on the config is final
+    if plan.publish_only:
         _say(f"run {run.run_id} finished earlier but was not published; publishing it now")
-        return {"run_id": run.run_id, "location": publish_run(run.path, destination), "metrics": None}
-    if cfg.training.checkpoint_uri is None and is_remote(cfg.output.uri):
-        # Mirror checkpoints next to the run, so a new machine can resume after a spot instance dies.
-        cfg.training.checkpoint_uri = f"{destination}/checkpoints"
-        run.save_config(cfg)
-    _say(f"run {run.run_id}: {run.path}" + (f" -> {destination}" if is_remote(cfg.output.uri) else ""))
+        return {"run_id": run.run_id, "location": publish_run(run.path, plan.destination), "metrics": None}
+    _say(f"run {run.run_id}: {run.path}" + (f" -> {plan.destination}" if is_remote(cfg.output.uri) else ""))
 
     tokenizer = load_tokenizer(cfg.model, model_path)
     prepared = prepare(cfg, tokenizer)
     write_prepared(prepared, run.sub("data"))
     _say(summary(prepared))
 
-    result = train(cfg, run, prepared, resume=resume, model_path=model_path, tokenizer=tokenizer)
+    result = train(cfg, run, prepared, checkpoint=plan.checkpoint, model_path=model_path, tokenizer=tokenizer)
     if int(os.environ.get("RANK", "0")) != 0:
         return {"run_id": run.run_id, "steps": result.global_step}  # rank 0 evaluates and publishes
     _say(f"trained {result.global_step} steps, final loss {result.final_loss}; adapter in {result.adapter_dir}")
@@ -75,9 +71,10 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
         add_results(result.adapter_dir, headline_markdown(metrics))
 
     manifest = build_manifest(
-        run.path, config=_config_dict(run), status="completed", started_at=started, ended_at=_now(), metrics=metrics
+        run.path, config=cfg.model_dump(mode="json"), status="completed", started_at=started, ended_at=_now(),
+        metrics=metrics,
     )
-    location = publish_run(run.path, destination, manifest, replace=overwrite)
+    location = publish_run(run.path, plan.destination, manifest, replace=overwrite)
     _say(f"published {location}")
     if metrics:
         from job.evaluation.report import headline_line
@@ -87,10 +84,3 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
                 _say(headline_line(label, values))
         _say(f"report: {run.path / 'eval' / 'report.html'} (and report.md)")
     return {"run_id": run.run_id, "location": location, "metrics": metrics, "steps": result.global_step}
-
-
-def _config_dict(run: Any) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load((run.path / "config.yaml").read_text())
-

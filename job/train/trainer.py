@@ -12,8 +12,7 @@ from typing import Any
 
 from job.config import JobConfig
 from job.data.prepare import PreparedData
-from job.errors import ConfigError, PreemptedError
-from job.storage.objects import is_remote
+from job.errors import PreemptedError
 from job.storage.run_folder import RunFolder
 from job.train.preemption import PreemptionFlag
 
@@ -178,32 +177,11 @@ class TrainResult:
     """The trained peft model, still in memory."""
 
 
-def _step(checkpoint: str | None) -> int:
-    return int(checkpoint.rstrip("/").rsplit("-", 1)[-1]) if checkpoint else -1
-
-
-def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
-    if resume == "never":
-        return None
-    from job.train.checkpoints import fetch_checkpoint, latest_complete_checkpoint
-
-    if resume != "auto":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json)")
-        return resume
-    local = latest_complete_checkpoint(str(run.path / "checkpoints"))
-    remote = latest_complete_checkpoint(cfg.training.checkpoint_uri) if cfg.training.checkpoint_uri else None
-    if remote and _step(remote) > _step(local):
-        if is_remote(cfg.training.checkpoint_uri):
-            return str(fetch_checkpoint(remote, run.sub("checkpoints")))
-        return remote
-    return local
-
-
 def train(
-    cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, resume: str, model_path: str, tokenizer: Any
+    cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, checkpoint: str | None, model_path: str, tokenizer: Any
 ) -> TrainResult:
-    """Train the configured method on the prepared rows; save the adapter, tokenizer and model card."""
+    """Train the configured method on the prepared rows, from `checkpoint` when given (see job.train.resume);
+    save the adapter, tokenizer and model card. `cfg` is final: nothing here changes it."""
     from trl import SFTTrainer
 
     from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
@@ -224,7 +202,6 @@ def train(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one richer line per logging step
-    checkpoint = _resume_checkpoint(cfg, run, resume)
     if checkpoint:
         print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
     with PreemptionFlag() as preemption:
