@@ -102,6 +102,8 @@ def evaluate_models(
     compare_base: bool,
     rows: list[dict[str, Any]] | None = None,
     train_log: list[dict[str, Any]] | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate the base model (when `adapter` is None or `compare_base`) and the adapter, on the same rows.
 
@@ -112,8 +114,16 @@ def evaluate_models(
     from job.evaluation.report import write_reports
     from job.train.model import load_base_model, load_tokenizer, resolve_model_path
 
-    adapter_path = _local_adapter(str(adapter)) if adapter else None
     rows = rows if rows is not None else load_splits(cfg.data).eval
+    if model is not None:  # TEMP (superseded by wip-eval): the trained peft model in memory, base = adapter off
+        metrics, scored = {}, {}
+        if compare_base:
+            with model.disable_adapter():
+                metrics["base"], scored["base"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "base")
+        metrics["tuned"], scored["tuned"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "tuned")
+        write_reports(out_dir, metrics, scored, train_log=train_log, title=f"Text-to-SQL evaluation: {cfg.model.name}")
+        return metrics
+    adapter_path = _local_adapter(str(adapter)) if adapter else None
     model_path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, adapter_path or model_path)
     model = load_base_model(cfg.model, model_path)
