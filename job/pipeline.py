@@ -66,8 +66,8 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
 
         metrics = evaluate_models(
             cfg, run.sub("eval"), adapter=result.adapter_dir, compare_base=cfg.evaluation.compare_base,
-            rows=prepared.splits.eval, train_log=result.train_log,
-        )
+            rows=prepared.splits.eval, train_log=result.train_log, model=result.model, tokenizer=tokenizer,
+        )  # the trained model in memory; the base is the same weights with the adapter disabled
         add_results(result.adapter_dir, headline_markdown(metrics))
 
     manifest = build_manifest(

@@ -232,11 +232,29 @@ def train(
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
-    return TrainResult(
+    result = TrainResult(
         adapter_dir, trainer.state.global_step, final_loss, train_log,
         train_seconds=train_seconds, real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens,
         model=trainer.model,
     )
+    _release(trainer)
+    return result
+
+
+def _release(trainer: Any) -> None:
+    """Free what only training needs (optimizer state, gradients, the accelerator's references) so that
+    evaluation runs beside nothing but the trained model."""
+    import gc
+
+    import torch
+
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    trainer.callback_handler.callbacks.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def read_train_log(run_path: Path) -> list[dict[str, Any]]:
