@@ -85,6 +85,11 @@ class TrainingConfig(_Section):
     seed: int = 42
     checkpoint_uri: str | None = None
     """Where checkpoints are mirrored as they are saved (e.g. `s3://bucket/ckpt/run`), for resume on a new machine."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun): `ddp` replicates the base on every device and syncs the adapter's
+    gradients; `fsdp` shards the base's layers across devices, for bases that do not fit one."""
+    collective_timeout_s: float = Field(1800, gt=0)
+    """How long a process waits for the others at any collective step before the run fails (a dead rank)."""
 
 
 class EvaluationConfig(_Section):

@@ -91,9 +91,3 @@ def test_the_config_is_final_before_the_run_starts_and_saved_once(tmp_path, monk
     )
     assert finalize(explicit, "x").training.checkpoint_uri == "s3://other/ck"
     assert finalize(_cfg(tmp_path), "x").training.checkpoint_uri is None  # local output: checkpoints in the folder
-
-
-def test_several_processes_need_an_explicit_run_id(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match=r"output\.run_id"):
-        plan_run(_cfg(tmp_path), "auto", overwrite=False)

@@ -70,11 +70,16 @@ def _evaluate_model(
     cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], out_dir: Path, label: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from job.evaluation.generate import generate_predictions
+    from job.evaluation.sharding import generate_sharded
 
-    predictions = generate_predictions(
-        model, tokenizer, rows, batch_size=cfg.evaluation.batch_size,
-        max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
+    predictions = generate_sharded(  # several processes: each generates for its share, rank 0 gets them all
+        lambda share: generate_predictions(
+            model, tokenizer, share, batch_size=cfg.evaluation.batch_size,
+            max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
+        ), rows, tokenizer, cfg.evaluation.batch_size,
     )
+    if predictions is None:
+        return {}, []  # not rank 0: rank 0 scores and writes
     _write_jsonl(out_dir / label / "predictions.jsonl", predictions)
     metrics, per_row = _score(cfg, rows, predictions)
     (out_dir / label / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -112,6 +117,7 @@ def evaluate_models(
     """
     from job.data.sources import load_splits
     from job.evaluation.report import write_reports
+    from job.train.distributed import is_main
     from job.train.model import load_base_model, load_tokenizer, resolve_model_path
 
     rows = rows if rows is not None else load_splits(cfg.data).eval
@@ -121,7 +127,9 @@ def evaluate_models(
             with model.disable_adapter():
                 metrics["base"], scored["base"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "base")
         metrics["tuned"], scored["tuned"] = _evaluate_model(cfg, model, tokenizer, rows, out_dir, "tuned")
-        write_reports(out_dir, metrics, scored, train_log=train_log, title=f"Text-to-SQL evaluation: {cfg.model.name}")
+        if is_main():
+            title = f"Text-to-SQL evaluation: {cfg.model.name}"
+            write_reports(out_dir, metrics, scored, train_log=train_log, title=title)
         return metrics
     adapter_path = _local_adapter(str(adapter)) if adapter else None
     model_path = resolve_model_path(cfg.model.name)

@@ -24,7 +24,7 @@ from job.storage.objects import is_remote
 
 def config_hash(cfg: JobConfig) -> str:
     """Short hash of everything that defines the run's result (not where it is written)."""
-    data = cfg.model_dump(mode="json", exclude={"output": True, "training": {"checkpoint_uri"}})
+    data = cfg.model_dump(mode="json", exclude={"output": True, "training": {"checkpoint_uri", "collective_timeout_s"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,12 @@ from job.settings import CONFIG_FILE, MANIFEST
 from job.storage import objects as storage
 from job.storage.run_folder import RunFolder, config_hash, destination, new_run_id, staging_root
 from job.train.checkpoints import TRAINER_STATE, checkpoint_step, fetch_checkpoint, latest_complete_checkpoint
+from job.train.distributed import check_resume_world_size
 
 IGNORED_SECTIONS = ("output",)
 """Not compared on resume: where the run is written is not part of what it computes."""
+IGNORED_FIELDS = ("training.collective_timeout_s",)
+"""Not compared on resume either: how long ranks wait for each other does not change the result."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,6 @@ def plan_run(cfg: JobConfig, resume: str, overwrite: bool) -> RunPlan:
     """Pick the run folder, finalize the config, protect earlier results, and choose the checkpoint."""
     root = staging_root(cfg)
     run_id = cfg.output.run_id
-    if run_id is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("output.run_id: set it (or --run-id) when several processes train together")
     if run_id is None and resume == "auto":
         run_id = _latest_unfinished(root, cfg)
     run_id = run_id or new_run_id(cfg)
@@ -57,6 +57,7 @@ def plan_run(cfg: JobConfig, resume: str, overwrite: bool) -> RunPlan:
     if run.stored_config() is None:
         run.save_config(final)
     checkpoint = None if publish_only else _checkpoint(final, run, resume)
+    check_resume_world_size(checkpoint)
     return RunPlan(final, run, destination(final, run_id), checkpoint, publish_only)
 
 
@@ -79,7 +80,7 @@ def config_differences(stored: dict[str, Any], new: dict[str, Any]) -> list[str]
         old_fields, new_fields = stored.get(section) or {}, new.get(section) or {}
         for field in sorted(set(old_fields) | set(new_fields)):
             old, now = old_fields.get(field), new_fields.get(field)
-            if old != now:
+            if old != now and f"{section}.{field}" not in IGNORED_FIELDS:
                 differences.append(f"{section}.{field} (stored {old!r}, now {now!r})")
     return differences
 

@@ -14,6 +14,7 @@ from job.config import JobConfig
 from job.data.prepare import PreparedData
 from job.errors import PreemptedError
 from job.storage.run_folder import RunFolder
+from job.train import distributed
 from job.train.preemption import PreemptionFlag
 
 
@@ -24,10 +25,13 @@ class TokenCounter:
         self.collator = collator
         self.real_tokens = 0
         self.processed_tokens = 0
+        self.rows: set[int] = set()
+        """Fingerprints of the distinct rows this process trained on (to show how ranks split the data)."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         self.real_tokens += sum(len(example["input_ids"]) for example in examples)
+        self.rows.update(hash(tuple(example["input_ids"])) for example in examples)
         self.processed_tokens += batch["input_ids"].numel()
         return batch
 
@@ -55,10 +59,15 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
                 self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not logs or "loss" not in logs:
+                return
+            # Every rank logs at the same steps: sum the tokens of all ranks (a collective, so before the rank check).
+            tokens, real, processed = distributed.sum_all(
+                [counter.real_tokens, counter.real_tokens, counter.processed_tokens]
+            )
+            if not state.is_world_process_zero:
                 return
             now = time.monotonic()
-            tokens = counter.real_tokens
             done = state.global_step - (self.first_step or 0)
             eta = (now - self.start) / done * (state.max_steps - state.global_step) if done else None
             record = {
@@ -69,7 +78,7 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
-                "non_padding_share": round(counter.non_padding_share, 4),
+                "non_padding_share": round(real / processed, 4) if processed else 0.0,
                 "elapsed_s": round(now - self.start, 1),
                 "eta_s": round(eta, 1) if eta is not None else None,
             }
@@ -86,15 +95,23 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
             )
 
     class StopOnSigterm(TrainerCallback):
-        """On SIGTERM, save a checkpoint at the end of the current step and stop."""
+        """On SIGTERM to any rank, every rank saves a checkpoint at the end of the same step and stops (the flag
+        is shared with an all-reduce each step)."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if preemption.requested:
+            if distributed.any_rank(preemption.requested):
+                preemption.requested = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
-    return [ProgressLog(), StopOnSigterm()]
+    class CheckpointBarrier(TrainerCallback):
+        """Every rank has written its part of a checkpoint (its RNG state) before anyone uses it (the mirror)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            distributed.barrier()
+
+    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier()]
 
 
 def _optimizer(cfg: JobConfig, quantized: bool, cuda: bool) -> str:
@@ -155,10 +172,32 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         data_seed=t.seed,
         report_to=["tensorboard"],
         dataloader_pin_memory=cuda,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not sys.stderr.isatty() or not distributed.is_main(),
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,
+        use_cpu=not cuda,  # without it, processes launched on CPUs train side by side instead of data-parallel
+        ddp_timeout=int(t.collective_timeout_s),
+        **fsdp_arguments(cfg, model),
     )
+
+
+def fsdp_arguments(cfg: JobConfig, model: Any) -> dict[str, Any]:
+    """With `training.distributed: fsdp`, shard the base's layers (and the adapter) across the processes."""
+    if cfg.training.distributed != "fsdp":
+        return {}
+    layers = sorted(getattr(model, "_no_split_modules", None) or [])
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,  # full shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": layers,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": False,
+        },
+    }
 
 
 @dataclass
@@ -186,7 +225,7 @@ def train(
 
     from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
 
-    base = load_base_model(cfg.model, model_path)
+    base = load_base_model(cfg.model, model_path, sharded=cfg.training.distributed == "fsdp")
     quantized = is_quantized(base)
     base = prepare_for_training(base, cfg)
     args = sft_config(cfg, run, base, quantized)
@@ -203,9 +242,14 @@ def train(
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one richer line per logging step
     if checkpoint:
-        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
+        distributed.say(f"resuming from {checkpoint}")
+    if distributed.world_size() > 1:
+        t = cfg.training
+        batch = distributed.describe_batch(t.per_device_batch_size, t.gradient_accumulation_steps)
+        distributed.say(f"data parallel ({t.distributed}, {distributed.world_size()} processes): {batch}")
     with PreemptionFlag() as preemption:
-        for callback in _callbacks(run, counter, preemption):
+        callbacks = _callbacks(run, counter, preemption)
+        for callback in callbacks:
             trainer.add_callback(callback)
         if cfg.training.checkpoint_uri:
             from job.train.checkpoints import CheckpointMirror
@@ -223,12 +267,14 @@ def train(
                 f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to continue"
             )
     adapter_dir = run.path / "adapter"
+    trainer.save_model(str(adapter_dir))  # on every rank: under FSDP the ranks gather the weights together
+    _record_ranks(run, counter)
     if trainer.is_world_process_zero():
-        trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
         from job.train.model_card import write_model_card
 
-        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing)
+        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing,
+                         world_size=distributed.world_size())
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
@@ -239,6 +285,25 @@ def train(
     )
     _release(trainer)
     return result
+
+
+def _record_ranks(run: RunFolder, counter: TokenCounter) -> None:
+    """`logs/ranks.json` (several processes only): rows and tokens each rank trained on, and how many rows more
+    than one rank saw (0 within an epoch: the ranks split the data)."""
+    if distributed.world_size() <= 1:
+        return
+    seen = distributed.gather_all(counter.rows)
+    tokens = distributed.gather_all(counter.real_tokens)
+    if not distributed.is_main():
+        return
+    shared = set().union(*(a & b for i, a in enumerate(seen) for b in seen[i + 1 :]))
+    record = {
+        "world_size": len(seen),
+        "ranks": [{"rank": r, "rows": len(rows), "real_tokens": tokens[r]} for r, rows in enumerate(seen)],
+        "distinct_rows": len(set().union(*seen)),
+        "rows_seen_by_several_ranks": len(shared),
+    }
+    (run.sub("logs") / "ranks.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _release(trainer: Any) -> None:
