@@ -46,8 +46,8 @@ given the schema (`CREATE TABLE` / `INSERT` statements). Loss on the answer and 
 | Base model | {base} |
 | Dataset | {cfg.data.source} ({train_rows} training rows, seed {cfg.data.seed}) |
 | Method | {method} |
-| Steps | {steps} (global batch {global_batch} = {t.per_device_batch_size} per device x accumulation \
-{t.gradient_accumulation_steps} x {world_size} process(es)) |
+| Steps | {steps} (global batch {global_batch} = {t.per_device_batch_size} per device x \
+{t.gradient_accumulation_steps} accumulation x {world_size} process(es)) |
 | Optimizer | {t.optim}, lr {t.learning_rate}, {t.lr_scheduler} schedule, warmup {t.warmup_ratio}, \
 max grad norm {t.max_grad_norm} |
 | Sequence length | {t.max_seq_len} tokens; {"packed padding-free" if packed else "batches of similar length"} |

@@ -17,6 +17,8 @@ from job.storage.run_folder import RunFolder
 from job.train import distributed
 from job.train.preemption import PreemptionFlag
 
+TRACKED_BATCHES = 1000
+
 
 class TokenCounter:
     """Wraps the data collator to count real vs processed (padded) tokens of every batch."""
@@ -25,13 +27,14 @@ class TokenCounter:
         self.collator = collator
         self.real_tokens = 0
         self.processed_tokens = 0
-        self.rows: set[int] = set()
-        """Fingerprints of the distinct rows this process trained on (to show how ranks split the data)."""
+        self.batch_rows: list[frozenset[int]] = []
+        """Fingerprints of the rows of each batch (the first TRACKED_BATCHES), to show how ranks split the data."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
         self.real_tokens += sum(len(example["input_ids"]) for example in examples)
-        self.rows.update(hash(tuple(example["input_ids"])) for example in examples)
+        if len(self.batch_rows) < TRACKED_BATCHES:
+            self.batch_rows.append(frozenset(hash(tuple(example["input_ids"])) for example in examples))
         self.processed_tokens += batch["input_ids"].numel()
         return batch
 
@@ -148,7 +151,10 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         max_length=t.max_seq_len,
         packing=packing,
         packing_strategy="bfd",
-        train_sampling_strategy="random" if packing else "group_by_length",
+        # group_by_length draws its order from each process's global RNG, which dropout moves differently per rank:
+        # from the second epoch on, ranks would train on overlapping rows. accelerate seeds the random sampler per
+        # epoch, identically on every rank.
+        train_sampling_strategy="random" if packing or distributed.world_size() > 1 else "group_by_length",
         completion_only_loss=None,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -262,6 +268,7 @@ def train(
         if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
             if cfg.training.checkpoint_uri:
                 mirror.wait()
+            distributed.barrier()  # the ranks exit together, after rank 0 has mirrored the checkpoint
             raise PreemptedError(
                 f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                 f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to continue"
@@ -288,20 +295,28 @@ def train(
 
 
 def _record_ranks(run: RunFolder, counter: TokenCounter) -> None:
-    """`logs/ranks.json` (several processes only): rows and tokens each rank trained on, and how many rows more
-    than one rank saw (0 within an epoch: the ranks split the data)."""
+    """`logs/ranks.json` (several processes only): the rows and tokens each rank trained on, and how many rows
+    two ranks had in the same batch (0: the ranks split each global batch; more would be duplicated work)."""
     if distributed.world_size() <= 1:
         return
-    seen = distributed.gather_all(counter.rows)
-    tokens = distributed.gather_all(counter.real_tokens)
+    gathered = distributed.gather_all((counter.batch_rows, counter.real_tokens))
     if not distributed.is_main():
         return
-    shared = set().union(*(a & b for i, a in enumerate(seen) for b in seen[i + 1 :]))
+    batches = [rows for rows, _ in gathered]
+    duplicated = sum(
+        len(a & b)
+        for same_batch in zip(*batches, strict=False)
+        for i, a in enumerate(same_batch)
+        for b in same_batch[i + 1 :]
+    )
     record = {
-        "world_size": len(seen),
-        "ranks": [{"rank": r, "rows": len(rows), "real_tokens": tokens[r]} for r, rows in enumerate(seen)],
-        "distinct_rows": len(set().union(*seen)),
-        "rows_seen_by_several_ranks": len(shared),
+        "world_size": len(gathered),
+        "ranks": [
+            {"rank": r, "batches": len(rows), "rows": sum(map(len, rows)), "real_tokens": tokens}
+            for r, (rows, tokens) in enumerate(gathered)
+        ],
+        "batches_compared": min(map(len, batches)),
+        "rows_in_several_ranks_batches": duplicated,
     }
     (run.sub("logs") / "ranks.json").write_text(json.dumps(record, indent=2) + "\n")
 
