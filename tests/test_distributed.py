@@ -210,3 +210,32 @@ def test_resume_refuses_a_checkpoint_written_by_another_number_of_processes(tmp_
         plan_run(cfg, str(checkpoint), overwrite=False)
     monkeypatch.setenv("WORLD_SIZE", "2")  # the same number of processes: accepted
     assert plan_run(cfg, str(checkpoint), overwrite=False).checkpoint == str(checkpoint)
+
+
+def test_qlora_under_fsdp_trains_and_saves_the_whole_adapter(tiny_model, sample_path, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    args = ["train", "--config", "gemma-2b-it-qlora", "--output", str(out), "--run-id", "r1",
+            *_sets(tiny_model, sample_path, "training.max_steps=3", "training.per_device_batch_size=2",
+                   "training.distributed=fsdp", "training.learning_rate=1e-2")]
+    launcher = _launch(args)
+    _, stderr = launcher.communicate(timeout=400)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert "data parallel (fsdp, 2 processes)" in stderr
+    losses = [entry["loss"] for entry in read_train_log(out / "r1")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    weights = load_file(out / "r1" / "adapter" / "adapter_model.safetensors")
+    # gathered from both shards: full LoRA shapes (r=16 x hidden 64), not halves
+    assert weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (16, 64)
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    from job.config import ModelConfig
+    from job.train.model import quantization_config
+
+    cfg = ModelConfig(dtype="bfloat16")
+    assert quantization_config(cfg, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8  # FSDP could not shard this
