@@ -65,9 +65,7 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
             if not logs or "loss" not in logs:
                 return
             # Every rank logs at the same steps: sum the tokens of all ranks (a collective, so before the rank check).
-            tokens, real, processed = distributed.sum_all(
-                [counter.real_tokens, counter.real_tokens, counter.processed_tokens]
-            )
+            tokens, processed = distributed.sum_all([counter.real_tokens, counter.processed_tokens])
             if not state.is_world_process_zero:
                 return
             now = time.monotonic()
@@ -81,7 +79,7 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
-                "non_padding_share": round(real / processed, 4) if processed else 0.0,
+                "non_padding_share": round(tokens / processed, 4) if processed else 0.0,
                 "elapsed_s": round(now - self.start, 1),
                 "eta_s": round(eta, 1) if eta is not None else None,
             }
@@ -254,8 +252,7 @@ def train(
         batch = distributed.describe_batch(t.per_device_batch_size, t.gradient_accumulation_steps)
         distributed.say(f"data parallel ({t.distributed}, {distributed.world_size()} processes): {batch}")
     with PreemptionFlag() as preemption:
-        callbacks = _callbacks(run, counter, preemption)
-        for callback in callbacks:
+        for callback in _callbacks(run, counter, preemption):
             trainer.add_callback(callback)
         if cfg.training.checkpoint_uri:
             from job.train.checkpoints import CheckpointMirror
