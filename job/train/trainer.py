@@ -20,30 +20,25 @@ from job.train.preemption import PreemptionFlag
 TRACKED_BATCHES = 1000
 
 
-class TokenCounter:
-    """Wraps the data collator to count real vs processed (padded) tokens of every batch."""
+class PaddedTokenCounter:
+    """Wraps the data collator to count the tokens the model processes, padding included; the real (non-padding)
+    tokens are transformers' own count, `state.num_input_tokens_seen` (`include_num_input_tokens_seen`)."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
-        self.real_tokens = 0
         self.processed_tokens = 0
         self.batch_rows: list[frozenset[int]] = []
         """Fingerprints of the rows of each batch (the first TRACKED_BATCHES), to show how ranks split the data."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
-        self.real_tokens += sum(len(example["input_ids"]) for example in examples)
         if len(self.batch_rows) < TRACKED_BATCHES:
             self.batch_rows.append(frozenset(hash(tuple(example["input_ids"])) for example in examples))
         self.processed_tokens += batch["input_ids"].numel()
         return batch
 
-    @property
-    def non_padding_share(self) -> float:
-        return self.real_tokens / self.processed_tokens if self.processed_tokens else 0.0
 
-
-def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag) -> list[Any]:
+def _callbacks(run: RunFolder, counter: PaddedTokenCounter, preemption: PreemptionFlag) -> list[Any]:
     from transformers import TrainerCallback
 
     class ProgressLog(TrainerCallback):
@@ -52,11 +47,12 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
         def __init__(self) -> None:
             self.path = run.sub("logs") / "train_log.jsonl"
             self.start = self.last_time = time.monotonic()
-            self.last_tokens = 0
+            self.last_tokens = self.first_tokens = 0
             self.first_step: int | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.first_step = state.global_step
+            self.last_tokens = self.first_tokens = state.num_input_tokens_seen
             if state.is_world_process_zero and self.path.is_file():  # resumed: drop lines past the checkpoint
                 kept = [e for e in read_train_log(run.path) if e["step"] <= state.global_step]
                 self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
@@ -64,11 +60,13 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
-            # Every rank logs at the same steps: sum the tokens of all ranks (a collective, so before the rank check).
-            tokens, processed = distributed.sum_all([counter.real_tokens, counter.processed_tokens])
+            # Every rank logs at the same steps: sum the padded tokens of all ranks (a collective, so before the rank
+            # check); transformers' count of real tokens is already summed over the ranks.
+            (processed,) = distributed.sum_all([counter.processed_tokens])
             if not state.is_world_process_zero:
                 return
             now = time.monotonic()
+            tokens = state.num_input_tokens_seen
             done = state.global_step - (self.first_step or 0)
             eta = (now - self.start) / done * (state.max_steps - state.global_step) if done else None
             record = {
@@ -79,7 +77,7 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
-                "non_padding_share": round(tokens / processed, 4) if processed else 0.0,
+                "non_padding_share": round((tokens - self.first_tokens) / max(processed, 1), 4),
                 "elapsed_s": round(now - self.start, 1),
                 "eta_s": round(eta, 1) if eta is not None else None,
             }
@@ -164,6 +162,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(cfg, quantized, cuda),
+        include_num_input_tokens_seen="non_padding",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=cuda and dtype == torch.bfloat16,
@@ -213,11 +212,31 @@ class TrainResult:
     train_seconds: float = 0.0
     """Wall time of `trainer.train()` in this session."""
     real_tokens: int = 0
-    """Tokens of training rows processed in this session (padding excluded)."""
+    """Tokens of training rows processed in this session (padding excluded; transformers' own count)."""
     processed_tokens: int = 0
     """Tokens the model processed in this session, padding included."""
     model: Any = None
     """The trained peft model, still in memory."""
+
+
+def build_trainer(cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, model_path: str, tokenizer: Any) -> Any:
+    """trl's SFTTrainer on the prepared rows, its loss on supervised positions only (job.train.loss)."""
+    from trl import SFTTrainer
+
+    from job.train.loss import supervised_positions_only
+    from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
+
+    supervised_positions_only()
+    base = load_base_model(cfg.model, model_path, sharded=cfg.training.distributed == "fsdp")
+    quantized = is_quantized(base)
+    base = prepare_for_training(base, cfg)
+    return SFTTrainer(
+        model=base,
+        args=sft_config(cfg, run, base, quantized),
+        train_dataset=prepared.train_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg.method, model_path),
+    )
 
 
 def train(
@@ -225,22 +244,8 @@ def train(
 ) -> TrainResult:
     """Train the configured method on the prepared rows, from `checkpoint` when given (see job.train.resume);
     save the adapter, tokenizer and model card. `cfg` is final: nothing here changes it."""
-    from trl import SFTTrainer
-
-    from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
-
-    base = load_base_model(cfg.model, model_path, sharded=cfg.training.distributed == "fsdp")
-    quantized = is_quantized(base)
-    base = prepare_for_training(base, cfg)
-    args = sft_config(cfg, run, base, quantized)
-    trainer = SFTTrainer(
-        model=base,
-        args=args,
-        train_dataset=prepared.train_dataset(),
-        processing_class=tokenizer,
-        peft_config=peft_config(cfg.method, model_path),
-    )
-    counter = TokenCounter(trainer.data_collator)
+    trainer = build_trainer(cfg, run, prepared, model_path=model_path, tokenizer=tokenizer)
+    counter = PaddedTokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     from transformers.trainer_callback import PrinterCallback
 
@@ -252,7 +257,8 @@ def train(
         batch = distributed.describe_batch(t.per_device_batch_size, t.gradient_accumulation_steps)
         distributed.say(f"data parallel ({t.distributed}, {distributed.world_size()} processes): {batch}")
     with PreemptionFlag() as preemption:
-        for callback in _callbacks(run, counter, preemption):
+        progress, *others = _callbacks(run, counter, preemption)
+        for callback in (progress, *others):
             trainer.add_callback(callback)
         if cfg.training.checkpoint_uri:
             from job.train.checkpoints import CheckpointMirror
@@ -277,26 +283,26 @@ def train(
         tokenizer.save_pretrained(str(adapter_dir))
         from job.train.model_card import write_model_card
 
-        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing,
+        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=trainer.args.packing,
                          world_size=distributed.world_size())
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
     result = TrainResult(
         adapter_dir, trainer.state.global_step, final_loss, train_log,
-        train_seconds=train_seconds, real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens,
-        model=trainer.model,
+        train_seconds=train_seconds, real_tokens=trainer.state.num_input_tokens_seen - progress.first_tokens,
+        processed_tokens=counter.processed_tokens, model=trainer.model,
     )
     _release(trainer)
     return result
 
 
-def _record_ranks(run: RunFolder, counter: TokenCounter) -> None:
+def _record_ranks(run: RunFolder, counter: PaddedTokenCounter) -> None:
     """`logs/ranks.json` (several processes only): the rows and tokens each rank trained on, and how many rows
     two ranks had in the same batch (0: the ranks split each global batch; more would be duplicated work)."""
     if distributed.world_size() <= 1:
         return
-    gathered = distributed.gather_all((counter.batch_rows, counter.real_tokens))
+    gathered = distributed.gather_all((counter.batch_rows, counter.processed_tokens))
     if not distributed.is_main():
         return
     batches = [rows for rows, _ in gathered]
@@ -309,7 +315,7 @@ def _record_ranks(run: RunFolder, counter: TokenCounter) -> None:
     record = {
         "world_size": len(gathered),
         "ranks": [
-            {"rank": r, "batches": len(rows), "rows": sum(map(len, rows)), "real_tokens": tokens}
+            {"rank": r, "batches": len(rows), "rows": sum(map(len, rows)), "processed_tokens": tokens}
             for r, (rows, tokens) in enumerate(gathered)
         ],
         "batches_compared": min(map(len, batches)),
