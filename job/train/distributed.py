@@ -86,9 +86,9 @@ def session(timeout_s: float) -> Iterator[None]:
     except RuntimeError as exc:
         if not (active() and _lost_peer(exc)):
             raise
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RankFailedError(f"another process of the run failed or stopped, so this one stops too ({first[:200]})"
-                              ) from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        message = f"another process of the run failed or stopped, so this one stops too ({first})"
+        raise RankFailedError(message) from None
     finally:
         close()
 
