@@ -239,3 +239,29 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype():
     cfg = ModelConfig(dtype="bfloat16")
     assert quantization_config(cfg, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8  # FSDP could not shard this
+
+
+def test_sigterm_to_the_launcher_reaches_every_rank_and_exits_75(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        f"here = Path({str(tmp_path)!r})\n"
+        "def stop(*_):  # as the job does after its checkpoint\n"
+        "    (here / ('stopped-' + os.environ['RANK'])).touch()\n"
+        "    sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "(here / ('ready-' + os.environ['RANK'])).touch()\n"
+        "time.sleep(60)\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "job.launch", "--nproc-per-node", "2", "--monitor-interval", "0.2", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == EXIT_PREEMPTED and "stopped by SIGTERM" in stderr
+    assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0", "stopped-1"]
