@@ -265,3 +265,28 @@ def test_sigterm_to_the_launcher_reaches_every_rank_and_exits_75(tmp_path):
     _, stderr = launcher.communicate(timeout=60)
     assert launcher.returncode == EXIT_PREEMPTED and "stopped by SIGTERM" in stderr
     assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0", "stopped-1"]
+
+
+def test_evaluation_shares_are_whole_batches_dealt_round_robin(tiny_model, sample_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from job.evaluation import sharding
+    from job.train import distributed
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [json.loads(line) for line in sample_path.read_text().splitlines()[:5]]
+    batches = sharding._batches(rows, tokenizer, batch_size=2)  # as one process batches them, longest first
+    assert sorted(i for batch in batches for i in batch) == list(range(5)) and [len(b) for b in batches] == [2, 2, 1]
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shares[rank] = sharding.my_share(rows, tokenizer, batch_size=2)
+    assert shares == {0: batches[0] + batches[2], 1: batches[1]}
+
+    monkeypatch.setenv("RANK", "1")  # one row, two ranks: rank 1 has nothing to generate, and does not try
+    monkeypatch.setattr(distributed, "gather_all", lambda pairs: [[(0, {"id": rows[0]["id"]})], pairs])
+    calls = []
+    assert sharding.generate_sharded(lambda share: calls.append(share) or [], rows[:1], tokenizer, 2) is None
+    assert calls == []

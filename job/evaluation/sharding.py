@@ -42,7 +42,7 @@ def generate_sharded(
     """`generate(rows)` run by every rank on its share; on rank 0 all predictions in row order, elsewhere None.
     Every rank must call it (the predictions are gathered with a collective)."""
     share = my_share(rows, tokenizer, batch_size)
-    predictions = generate([rows[i] for i in share])
+    predictions = generate([rows[i] for i in share]) if share else []  # fewer batches than ranks
     gathered = distributed.gather_all(list(zip(share, predictions, strict=True)))
     if not distributed.is_main():
         return None
