@@ -290,3 +290,17 @@ def test_evaluation_shares_are_whole_batches_dealt_round_robin(tiny_model, sampl
     calls = []
     assert sharding.generate_sharded(lambda share: calls.append(share) or [], rows[:1], tokenizer, 2) is None
     assert calls == []
+
+
+def test_another_node_fetches_the_checkpoint_rank_0_resumes_from(tmp_path, monkeypatch, s3_bucket, s3_client):
+    from job.train.distributed import ensure_checkpoint_here
+
+    for name, body in (("adapter_model.safetensors", b"weights"), ("trainer_state.json", b"{}")):
+        s3_client.put_object(Bucket=s3_bucket, Key=f"runs/r1/checkpoints/checkpoint-4/{name}", Body=body)
+    # rank 0 fetched it into its own disk; this node (local rank 0 of node 1) has an empty run folder
+    here = tmp_path / "node-1" / "r1" / "checkpoints" / "checkpoint-4"
+    monkeypatch.setenv("RANK", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ensure_checkpoint_here(str(here), f"s3://{s3_bucket}/runs/r1/checkpoints")
+    assert (here / "adapter_model.safetensors").read_bytes() == b"weights"
+    ensure_checkpoint_here(str(here), f"s3://{s3_bucket}/runs/r1/missing")  # present now (a shared disk): no fetch
