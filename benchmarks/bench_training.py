@@ -145,15 +145,15 @@ def measure(models: list[str], steps: int) -> list[dict[str, Any]]:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """The training table of BENCHMARKS.md: tokens/s and peak memory, job vs plain trl per model."""
-    lines = ["| model | trainer | rows/step (micro-batch) | real tokens/s | peak RSS | added by training | "
+    lines = ["| model | trainer | rows/step (micro-batch) | real tokens/s | peak RSS (GiB) | added by training (GiB) | "
              "vs trl: speed, peak memory |", "|---|---|---|---|---|---|---|"]
     baseline = {r["model"]: r for r in results if r["case"] == "trl"}
     for r in results:
         bl = baseline[r["model"]]
         lines.append(
             f"| {r['model']} | {'plain trl SFTTrainer' if r['case'] == 'trl' else 'this job'} | {r['rows_per_step']} "
-            f"({r['micro_batch']}) | {r['tokens_per_s']:.0f} | {r['peak_rss_mb'] / 1024:.2f} GB | "
-            f"{r['train_added_mb'] / 1024:.2f} GB | {r['tokens_per_s'] / bl['tokens_per_s']:.2f}x, "
+            f"({r['micro_batch']}) | {r['tokens_per_s']:.0f} | {r['peak_rss_mb'] / 1024:.2f} | "
+            f"{r['train_added_mb'] / 1024:.2f} | {r['tokens_per_s'] / bl['tokens_per_s']:.2f}x, "
             f"{r['peak_rss_mb'] / bl['peak_rss_mb']:.2f}x |"
         )
     return "\n".join(lines)
