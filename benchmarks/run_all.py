@@ -3,7 +3,7 @@
 Usage: python benchmarks/run_all.py [--reuse-demo] [--only=quality,training,eval,startup,scoring]
 
 1. Quality: SmolLM2-135M-Instruct before vs after fine-tuning (the demo run), execution accuracy and runaway rate.
-2. Training efficiency: the job's trainer vs a plain trl `SFTTrainer` with default settings, same model, rows, steps.
+2. Training: tokens/s and peak memory, the job's trainer vs a plain trl `SFTTrainer` (benchmarks/bench_training.py).
 3. Evaluation speed: the job's batched generation vs one-at-a-time `generate`, predictions checked identical.
 4. Start-up and data: `finetune --help` vs importing torch+transformers; the data stage vs a naive tokenization.
 5. Scoring: the test-suite scorer vs the single-database scorer on the shipped rows (bench_scoring.py).
@@ -55,67 +55,13 @@ def quality(reuse: bool) -> dict[str, Any]:
     return {"metrics": metrics, "wall_s": time.monotonic() - start, "adapter": str(WORK / "demo" / "demo" / "adapter")}
 
 
-def _job_training(name: str, *overrides: str) -> dict[str, Any]:
-    from job.data.prepare import prepare
-    from job.storage.run_folder import open_run_folder
-    from job.train.model import load_tokenizer, resolve_model_path
-    from job.train.trainer import train
-
-    cfg = _config(f"training.max_steps={TRAIN_STEPS}", f"output.uri={WORK / 'train'}", f"output.run_id={name}",
-                  "training.save_steps=1000", "training.logging_steps=1", *overrides)
-    path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(cfg.model, path)
-    result = train(cfg, open_run_folder(cfg, "never", overwrite=True), prepare(cfg, tokenizer), resume="never",
-                   model_path=path, tokenizer=tokenizer)
-    return {"non_padding_share": result.real_tokens / result.processed_tokens, "real_tokens": result.real_tokens,
-            "seconds": result.train_seconds, "real_tokens_per_s": result.real_tokens / result.train_seconds}
-
-
-def _baseline_training() -> dict[str, Any]:
-    """The same rows as conversational prompt/completion pairs through trl's SFTTrainer with its defaults."""
-    import datasets
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from job.data.prepare import prepare
-    from job.data.prompts import ChatFormatter
-    from job.train.model import load_base_model, load_tokenizer, resolve_model_path
-    from job.train.trainer import TokenCounter
-
-    cfg = _config()
-    path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(cfg.model, path)
-    formatter = ChatFormatter(tokenizer)
-    dataset = datasets.Dataset.from_list([
-        {"prompt": formatter.messages(r), "completion": [{"role": "assistant", "content": r["sql"]}]}
-        for r in prepare(cfg, tokenizer).splits.train
-    ])
-    args = SFTConfig(output_dir=str(WORK / "baseline"), max_steps=TRAIN_STEPS,
-                     per_device_train_batch_size=cfg.training.per_device_batch_size, report_to=[], save_strategy="no",
-                     logging_steps=1, learning_rate=cfg.training.learning_rate, max_length=cfg.training.max_seq_len,
-                     dataloader_pin_memory=False, bf16=False)  # trl defaults to bf16, which a CPU cannot run
-    lora = LoraConfig(r=cfg.method.lora_r, lora_alpha=cfg.method.lora_alpha, lora_dropout=cfg.method.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=load_base_model(cfg.model, path), args=args, train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=lora)
-    counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
-    start = time.monotonic()
-    trainer.train()
-    seconds = time.monotonic() - start
-    return {"non_padding_share": counter.non_padding_share, "real_tokens": counter.real_tokens, "seconds": seconds,
-            "real_tokens_per_s": counter.real_tokens / seconds}
-
-
 def training_efficiency() -> dict[str, Any]:
-    """Same model, LoRA config, rows and optimizer steps: trl SFTTrainer defaults vs the job (auto: length-grouped
-    batches on SDPA) vs the job forced to pack padding-free. Timed around `trainer.train()` alone."""
-    return {
-        "steps": TRAIN_STEPS,
-        "baseline": _baseline_training(),
-        "job": _job_training("job"),
-        "job_packed": _job_training("job-packed", "training.packing=true"),
-    }
+    """The job's trainer vs a plain trl `SFTTrainer` (defaults), demo model and Gemma-vocabulary model, same rows,
+    batch and steps, each case in its own process: tokens/s and peak RSS (benchmarks/bench_training.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_training
+
+    return {"steps": TRAIN_STEPS, "cases": bench_training.measure(["demo", "gemma256k"], TRAIN_STEPS)}
 
 
 def evaluation_speed(adapter: str) -> dict[str, Any]:
@@ -216,9 +162,15 @@ def _noise(tuned: dict) -> str:
     return "\n\n".join([*noise_statements({"tuned": tuned}), suite_statement(tuned)])
 
 
+def _training_table(t: dict) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_training
+
+    return bench_training.markdown(t["cases"])
+
+
 def write_markdown(q: dict, t: dict, e: dict, s: dict, path: Path) -> None:
     base, tuned = q["metrics"]["base"], q["metrics"]["tuned"]
-    job, bl, packed = t["job"], t["baseline"], t["job_packed"]
     cpu = platform.processor() or platform.machine()
     text = f"""# Benchmarks
 
@@ -241,19 +193,17 @@ whole run {q['wall_s'] / 60:.1f} min including both evaluations.
 
 {_noise(tuned)}
 
-## 2. Training efficiency: the job vs a plain trl `SFTTrainer` with default settings
+## 2. Training: speed and peak memory, the job vs a plain trl `SFTTrainer` with default settings
 
-Same model, LoRA config, rows and batch size, {t['steps']} optimizer steps each, timed around `trainer.train()`.
-The baseline pads each batch to its longest row. The job's default (`training.packing: auto`) batches rows of
-similar length here, because this machine's attention (SDPA) has no variable-length kernel: packed rows become
-one long sequence with a block-diagonal mask, whose attention costs the square of the packed length. With
-FlashAttention 2/3 (`model.attn_implementation`), `auto` packs padding-free instead.
+`python benchmarks/bench_training.py --steps={t['steps']}`: same model, LoRA config, rows and rows per optimizer step,
+{t['steps']} steps each, each case in a fresh process (peak RSS from `getrusage`; "added by training" is the peak
+minus the RSS just before `trainer.train()`), tokens/s timed around `trainer.train()`. `demo` is SmolLM2-135M
+(49k vocabulary, preset `{PRESET}`); `gemma256k` is a Gemma-architecture model with the real 256,000-token
+vocabulary and two small layers, built at bench time. trl's fused LM head never builds the full logits, but on
+a CPU it projects every position; the job projects only the answer tokens (20% of the demo's), pads less (rows of
+similar length per batch) and, in the demo preset, runs micro-batches of 2 rows with gradient accumulation.
 
-| | non-padding share | real tokens trained | real tokens/s | vs baseline |
-|---|---|---|---|---|
-| trl defaults (baseline) | {_pct(bl['non_padding_share'])} | {bl['real_tokens']} | {bl['real_tokens_per_s']:.0f} | 1.00x |
-| this job (default: length-grouped batches) | {_pct(job['non_padding_share'])} | {job['real_tokens']} | {job['real_tokens_per_s']:.0f} | {job['real_tokens_per_s'] / bl['real_tokens_per_s']:.2f}x |
-| this job, `training.packing=true` (padding-free on SDPA) | {_pct(packed['non_padding_share'])} | {packed['real_tokens']} | {packed['real_tokens_per_s']:.0f} | {packed['real_tokens_per_s'] / bl['real_tokens_per_s']:.2f}x |
+{_training_table(t)}
 
 ## 3. Evaluation speed: batched generation vs one row at a time
 

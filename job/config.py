@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from job.errors import ConfigError
 from job.settings import PRESET_PACKAGE
@@ -73,8 +73,10 @@ class TrainingConfig(_Section):
     per_device_batch_size: int = Field(4, ge=1)
     gradient_accumulation_steps: int = Field(4, ge=1)
     learning_rate: float = Field(2e-4, gt=0.0)
-    lr_scheduler: str = "constant"
+    lr_scheduler: str = "constant_with_warmup"
+    """A transformers scheduler name; `constant` has no warmup (transformers ignores the warmup for it)."""
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    """Share of the optimizer steps spent warming the learning rate up linearly from 0."""
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(0.3, gt=0.0)
     optim: str = "auto"
@@ -92,7 +94,21 @@ class TrainingConfig(_Section):
     """Experiment tracker, through transformers' integration; the run id is the tracker's run name. Its settings
     (MLFLOW_TRACKING_URI, WANDB_PROJECT, credentials) come from the environment, never from the config."""
     checkpoint_uri: str | None = None
-    """Where checkpoints are mirrored as they are saved (e.g. `s3://bucket/ckpt/run`), for resume on a new machine."""
+    """Where checkpoints are mirrored as they are saved (e.g. `s3://bucket/ckpt/run`), for resume on a new machine;
+    default for an s3:// output: `<output.uri>/<run_id>/checkpoints`."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun): `ddp` replicates the base on every device and syncs the adapter's
+    gradients; `fsdp` shards the base's layers across devices, for bases that do not fit one."""
+    collective_timeout_s: float = Field(1800, gt=0)
+    """How long a process waits for the others at any collective step before the run fails (a dead rank)."""
+
+    @model_validator(mode="after")
+    def _warmup_runs(self) -> TrainingConfig:
+        if self.lr_scheduler == "constant" and self.warmup_ratio > 0:
+            raise ValueError(
+                "lr_scheduler 'constant' ignores warmup_ratio; use constant_with_warmup, or set warmup_ratio to 0"
+            )
+        return self
 
     @field_validator("report_to")
     @classmethod

@@ -130,3 +130,14 @@ def test_prepare_drops_long_rows_without_truncating_and_reports(tmp_path, sample
     assert len(examples) == 3 and all(e["text"].endswith("<end_of_turn>") for e in examples)
     text = summary(prepared)
     assert "too_long" in text and "train" in text and "eval" in text
+
+
+def test_s3_source_is_cached_under_the_one_cache_root(s3_client, s3_bucket, sample_path, tmp_path, monkeypatch):
+    from job.data.sources import load_source
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    s3_client.upload_file(str(sample_path), s3_bucket, "data/rows.jsonl")
+    splits = load_source(f"s3://{s3_bucket}/data/rows.jsonl")
+    assert sum(len(split) for split in splits.values()) == 400
+    cached = [p for p in (tmp_path / "cache" / "data").rglob("*.jsonl")]
+    assert cached and cached[0].read_bytes() == sample_path.read_bytes()

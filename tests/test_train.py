@@ -16,8 +16,8 @@ import torch
 from job.config import load_config
 from job.data.prepare import prepare
 from job.errors import EXIT_PREEMPTED
-from job.storage.run_folder import open_run_folder
 from job.train.model import load_tokenizer, resolve_model_path
+from job.train.resume import plan_run
 from job.train.trainer import read_train_log, train
 
 REPEATED = [
@@ -34,10 +34,11 @@ def _train(preset, tiny_model, sample_path, tmp_path, *extra):
         [f"model.name={tiny_model}", f"data.source={sample_path}", f"output.uri={tmp_path}", *REPEATED, *extra],
         environ={},
     )
-    run = open_run_folder(cfg, "never", overwrite=False)
+    plan = plan_run(cfg, "never", overwrite=False)
+    cfg, run = plan.cfg, plan.run
     path = resolve_model_path(cfg.model.name)
     tokenizer = load_tokenizer(cfg.model, path)
-    result = train(cfg, run, prepare(cfg, tokenizer), resume="never", model_path=path, tokenizer=tokenizer)
+    result = train(cfg, run, prepare(cfg, tokenizer), checkpoint=None, model_path=path, tokenizer=tokenizer)
     return cfg, run, result
 
 

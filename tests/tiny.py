@@ -71,3 +71,51 @@ def build_model_dir(path: Path, template: str = GEMMA_TEMPLATE, seed: int = 0) -
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_gguf(path: Path) -> Path:
+    """A 2-layer llama `.gguf` file (fp32 tensors, byte-level BPE tokenizer, ChatML template), like the demo's
+    SmolLM2 file in layout but written at test time, offline."""
+    import gguf
+    import numpy as np
+
+    tokenizer = build_tokenizer(CHATML_TEMPLATE)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    vocab, hidden, ffn, kv = len(tokenizer), 64, 128, 32
+    special = set(tokenizer.all_special_ids)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(vocab))))
+    writer.add_token_types([3 if i in special else 1 for i in range(vocab)])  # 3: control token
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    for i in range(2):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+            f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        }
+    for name, shape in shapes.items():
+        data = rng.standard_normal(shape) * 0.02 if len(shape) > 1 else np.ones(shape)
+        writer.add_tensor(name, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -44,9 +44,9 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def prepare(cfg: JobConfig, tokenizer: Any, cache_dir: Path | None = None) -> PreparedData:
+def prepare(cfg: JobConfig, tokenizer: Any) -> PreparedData:
     """Rows -> tokenized training features; rows longer than `training.max_seq_len` are dropped, never cut."""
-    splits = load_splits(cfg.data, cache_dir)
+    splits = load_splits(cfg.data)
     formatter = ChatFormatter(tokenizer)
     max_len = cfg.training.max_seq_len
     features: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}

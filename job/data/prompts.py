@@ -77,6 +77,15 @@ class ChatFormatter:
         first end-of-turn/EOS token (anything the template puts after it is dropped); a template that closes the
         assistant turn without one gets EOS appended, so the model learns to stop. Rows are tokenized in one
         batch call per part (the tokenizer's Rust side parallelizes it).
+
+        Why not trl's conversational prompt/completion rows with `completion_only_loss` (checked against trl 1.16):
+        it tokenizes prompt+completion as one string and starts the loss where that diverges from the prompt
+        tokenized alone, so a merge across the boundary trains on a context the model never sees at inference;
+        it trains whatever the template puts after the end-of-turn token (Gemma's and ChatML's trailing "\n");
+        and it truncates rows to `max_length` (or keeps them whole with `max_length=None`) inside the trainer,
+        after the data stage, instead of dropping and counting them where `finetune prepare` reports. trl takes
+        these ids and labels as they are (a dataset with `input_ids` is not tokenized again; tests/test_loss.py
+        checks the batches its dataloader yields).
         """
         prompts, answers = [], []
         for row in rows:

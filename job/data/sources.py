@@ -12,6 +12,7 @@ from typing import Any
 
 from job.config import DataConfig
 from job.errors import ConfigError, MissingInputError
+from job.settings import cache_root
 
 REQUIRED_FIELDS = ("sql_prompt", "sql_context", "sql")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -73,15 +74,16 @@ def check_source(source: str) -> None:
         raise ConfigError(f"data.source {source}: no such file or folder")
 
 
-def load_source(source: str, cache_dir: Path | None = None) -> dict[str, Any]:
-    """Split name -> `datasets.Dataset`, from a Hub dataset id, local file(s) or an s3:// object or prefix."""
+def load_source(source: str) -> dict[str, Any]:
+    """Split name -> `datasets.Dataset`, from a Hub dataset id, local file(s) or an s3:// object or prefix (fetched
+    once into `<cache root>/data`)."""
     import datasets
 
     check_source(source)
     if source.startswith("s3://"):
         from job.storage.objects import fetch_to_cache
 
-        source = str(fetch_to_cache(source, (cache_dir or Path.home() / ".cache" / "finetune") / "data"))
+        source = str(fetch_to_cache(source, cache_root() / "data"))
     path = Path(source.removeprefix("file://")).expanduser()
     if path.exists():
         file_format, files = _local_files(path)
@@ -194,5 +196,5 @@ def _dropped_summary(report: SplitReport) -> str:
     return f"{report.loaded} loaded; dropped: " + ", ".join(f"{k} {v}" for k, v in report.dropped.most_common())
 
 
-def load_splits(cfg: DataConfig, cache_dir: Path | None = None) -> DataSplits:
-    return split_rows(load_source(cfg.source, cache_dir), cfg, cfg.source)
+def load_splits(cfg: DataConfig) -> DataSplits:
+    return split_rows(load_source(cfg.source), cfg, cfg.source)

@@ -185,12 +185,19 @@ def _eval_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def _generate(cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], label: str) -> list[dict]:
+def _generate(
+    cfg: JobConfig, model: Any, tokenizer: Any, rows: list[dict[str, Any]], label: str
+) -> list[dict] | None:
+    """Predictions in row order; under several processes each generates its share and only rank 0 gets them all
+    (elsewhere None)."""
     from job.evaluation.generate import generate_predictions
+    from job.evaluation.sharding import generate_sharded
 
-    return generate_predictions(
-        model, tokenizer, rows, batch_size=cfg.evaluation.batch_size,
-        max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
+    return generate_sharded(
+        lambda share: generate_predictions(
+            model, tokenizer, share, batch_size=cfg.evaluation.batch_size,
+            max_new_tokens=cfg.evaluation.max_new_tokens, label=label,
+        ), rows, tokenizer, cfg.evaluation.batch_size,
     )
 
 
@@ -228,6 +235,8 @@ def evaluate_models(
             predictions["tuned"] = _generate(cfg, model, tokenizer, rows, "tuned")
     else:
         predictions = _generate_from_disk(cfg, rows, adapter, compare_base)
+    if any(records is None for records in predictions.values()):
+        return {}  # not rank 0: rank 0 scores, writes and reports
     for label, records in predictions.items():
         _write_jsonl(out_dir / label / "predictions.jsonl", records)
     return score_and_report(cfg, out_dir, rows, predictions, train_log=train_log)

@@ -10,6 +10,13 @@ from job.data.prompts import ChatFormatter
 from job.evaluation.sql_extract import extract_sql
 
 
+def generation_batches(tokenizer: Any, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts in each batch, longest prompts first, so each left-padded batch wastes little."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+
+
 def generate_predictions(
     model: Any,
     tokenizer: Any,
@@ -28,16 +35,14 @@ def generate_predictions(
 
     formatter = ChatFormatter(tokenizer)
     prompts = [formatter.prompt(row) for row in rows]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(rows)), key=lambda i: -lengths[i])
     previous_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     results: list[dict[str, Any] | None] = [None] * len(rows)
     model.eval()
     start = time.monotonic()
     try:
-        for first in range(0, len(order), batch_size):
-            batch = order[first : first + batch_size]
+        done = 0
+        for batch in generation_batches(tokenizer, prompts, batch_size):
             encoded = tokenizer(
                 [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
@@ -59,7 +64,7 @@ def generate_predictions(
                     "stopped": stop_at is not None,
                     "n_new_tokens": len(tokens) if stop_at is None else stop_at + 1,
                 }
-            done = min(first + batch_size, len(order))
+            done += len(batch)
             rate = done / max(time.monotonic() - start, 1e-9)
             print(f"{label}: generated {done}/{len(rows)} ({rate:.2f} rows/s)", file=sys.stderr, flush=True)
     finally:

@@ -57,6 +57,11 @@ def latest_complete_checkpoint(location: str) -> str | None:
     return None
 
 
+def checkpoint_step(location: str | None) -> int:
+    """N of a `checkpoint-N` folder; -1 for None."""
+    return int(location.rstrip("/").rsplit("-", 1)[-1]) if location else -1
+
+
 def fetch_checkpoint(uri: str, local_dir: Path) -> Path:
     """A complete checkpoint as a local folder: a remote one is downloaded to `local_dir/<name>` (replacing
     what is there, via a temporary folder), a local one is returned as it is."""

@@ -105,7 +105,9 @@ def compute_dtype(cfg: ModelConfig) -> Any:
     return torch.float32
 
 
-def quantization_config(cfg: ModelConfig) -> Any:
+def quantization_config(cfg: ModelConfig, sharded: bool = False) -> Any:
+    """bitsandbytes settings; `sharded` (FSDP) stores the 4-bit weights in the compute dtype, which FSDP can
+    shard (it cannot shard uint8 storage)."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -119,6 +121,7 @@ def quantization_config(cfg: ModelConfig) -> Any:
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg),
+        **({"bnb_4bit_quant_storage": compute_dtype(cfg)} if sharded else {}),
     )
 
 
@@ -129,8 +132,8 @@ def device_map() -> Any:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
-def load_base_model(cfg: ModelConfig, path: str | None = None) -> Any:
-    """The base model, quantized as configured, placed on this process's device."""
+def load_base_model(cfg: ModelConfig, path: str | None = None, sharded: bool = False) -> Any:
+    """The base model, quantized as configured, placed on this process's device (`sharded`: for FSDP)."""
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg.name)
@@ -142,7 +145,7 @@ def load_base_model(cfg: ModelConfig, path: str | None = None) -> Any:
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    quant = quantization_config(cfg)
+    quant = quantization_config(cfg, sharded)
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:

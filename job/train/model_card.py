@@ -24,7 +24,9 @@ def _front_matter(cfg: JobConfig) -> str:
     return "---\n" + yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False) + "---\n"
 
 
-def write_model_card(adapter_dir: Path, cfg: JobConfig, prepared: Any, steps: int, packed: bool) -> Path:
+def write_model_card(
+    adapter_dir: Path, cfg: JobConfig, prepared: Any, steps: int, packed: bool, world_size: int = 1
+) -> Path:
     m, t = cfg.method, cfg.training
     if m.type == "lora":
         method = f"LoRA r={m.lora_r}, alpha={m.lora_alpha}, dropout={m.lora_dropout}, targets {m.target_modules}"
@@ -32,6 +34,7 @@ def write_model_card(adapter_dir: Path, cfg: JobConfig, prepared: Any, steps: in
         method = f"prompt tuning, {m.num_virtual_tokens} virtual tokens initialised from {m.prompt_tuning_init_text!r}"
     base = f"{cfg.model.name} ({'4-bit NF4' if cfg.model.quantization == '4bit' else cfg.model.quantization})"
     train_rows = prepared.stats["splits"]["train"]["kept"]
+    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * world_size
     text = f"""{_front_matter(cfg)}
 # Text-to-SQL adapter for {cfg.model.name}
 
@@ -43,7 +46,8 @@ given the schema (`CREATE TABLE` / `INSERT` statements). Loss on the answer and 
 | Base model | {base} |
 | Dataset | {cfg.data.source} ({train_rows} training rows, seed {cfg.data.seed}) |
 | Method | {method} |
-| Steps | {steps} (batch {t.per_device_batch_size} x accumulation {t.gradient_accumulation_steps} per device) |
+| Steps | {steps} (global batch {global_batch} = {t.per_device_batch_size} per device x \
+{t.gradient_accumulation_steps} accumulation x {world_size} process(es)) |
 | Optimizer | {t.optim}, lr {t.learning_rate}, {t.lr_scheduler} schedule, warmup {t.warmup_ratio}, \
 max grad norm {t.max_grad_norm} |
 | Sequence length | {t.max_seq_len} tokens; {"packed padding-free" if packed else "batches of similar length"} |

@@ -13,32 +13,33 @@ from typing import Any
 
 from job.config import JobConfig
 from job.data.prepare import PreparedData
-from job.errors import ConfigError, PreemptedError
-from job.storage.objects import is_remote
+from job.errors import PreemptedError
 from job.storage.run_folder import RunFolder
+from job.train import distributed
 from job.train.preemption import PreemptionFlag
 
+TRACKED_BATCHES = 1000
 
-class TokenCounter:
-    """Wraps the data collator to count real vs processed (padded) tokens of every batch."""
+
+class PaddedTokenCounter:
+    """Wraps the data collator to count the tokens the model processes, padding included; the real (non-padding)
+    tokens are transformers' own count, `state.num_input_tokens_seen` (`include_num_input_tokens_seen`)."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
-        self.real_tokens = 0
         self.processed_tokens = 0
+        self.batch_rows: list[frozenset[int]] = []
+        """Fingerprints of the rows of each batch (the first TRACKED_BATCHES), to show how ranks split the data."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(examples)
-        self.real_tokens += sum(len(example["input_ids"]) for example in examples)
+        if len(self.batch_rows) < TRACKED_BATCHES:
+            self.batch_rows.append(frozenset(hash(tuple(example["input_ids"])) for example in examples))
         self.processed_tokens += batch["input_ids"].numel()
         return batch
 
-    @property
-    def non_padding_share(self) -> float:
-        return self.real_tokens / self.processed_tokens if self.processed_tokens else 0.0
 
-
-def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag) -> list[Any]:
+def _callbacks(run: RunFolder, counter: PaddedTokenCounter, preemption: PreemptionFlag) -> list[Any]:
     from transformers import TrainerCallback
 
     class ProgressLog(TrainerCallback):
@@ -47,20 +48,26 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
         def __init__(self) -> None:
             self.path = run.sub("logs") / "train_log.jsonl"
             self.start = self.last_time = time.monotonic()
-            self.last_tokens = 0
+            self.last_tokens = self.first_tokens = 0
             self.first_step: int | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.first_step = state.global_step
+            self.last_tokens = self.first_tokens = state.num_input_tokens_seen
             if state.is_world_process_zero and self.path.is_file():  # resumed: drop lines past the checkpoint
                 kept = [e for e in read_train_log(run.path) if e["step"] <= state.global_step]
                 self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not logs or "loss" not in logs:
+                return
+            # Every rank logs at the same steps: sum the padded tokens of all ranks (a collective, so before the rank
+            # check); transformers' count of real tokens is already summed over the ranks.
+            (processed,) = distributed.sum_all([counter.processed_tokens])
+            if not state.is_world_process_zero:
                 return
             now = time.monotonic()
-            tokens = counter.real_tokens
+            tokens = state.num_input_tokens_seen
             done = state.global_step - (self.first_step or 0)
             eta = (now - self.start) / done * (state.max_steps - state.global_step) if done else None
             record = {
@@ -71,7 +78,7 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
                 "learning_rate": logs.get("learning_rate"),
                 "grad_norm": logs.get("grad_norm"),
                 "tokens_per_s": round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1),
-                "non_padding_share": round(counter.non_padding_share, 4),
+                "non_padding_share": round((tokens - self.first_tokens) / max(processed, 1), 4),
                 "elapsed_s": round(now - self.start, 1),
                 "eta_s": round(eta, 1) if eta is not None else None,
             }
@@ -88,15 +95,23 @@ def _callbacks(run: RunFolder, counter: TokenCounter, preemption: PreemptionFlag
             )
 
     class StopOnSigterm(TrainerCallback):
-        """On SIGTERM, save a checkpoint at the end of the current step and stop."""
+        """On SIGTERM to any rank, every rank saves a checkpoint at the end of the same step and stops (the flag
+        is shared with an all-reduce each step)."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if preemption.requested:
+            if distributed.any_rank(preemption.requested):
+                preemption.requested = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
-    return [ProgressLog(), StopOnSigterm()]
+    class CheckpointBarrier(TrainerCallback):
+        """Every rank has written its part of a checkpoint (its RNG state) before anyone uses it (the mirror)."""
+
+        def on_save(self, args, state, control, **kwargs):
+            distributed.barrier()
+
+    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier()]
 
 
 def _optimizer(cfg: JobConfig, quantized: bool, cuda: bool) -> str:
@@ -140,7 +155,10 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         max_length=t.max_seq_len,
         packing=packing,
         packing_strategy="bfd",
-        train_sampling_strategy="random" if packing else "group_by_length",
+        # group_by_length draws its order from each process's global RNG, which dropout moves differently per rank:
+        # from the second epoch on, ranks would train on overlapping rows. accelerate seeds the random sampler per
+        # epoch, identically on every rank.
+        train_sampling_strategy="random" if packing or distributed.world_size() > 1 else "group_by_length",
         completion_only_loss=None,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -152,6 +170,7 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=_optimizer(cfg, quantized, cuda),
+        include_num_input_tokens_seen="non_padding",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=cuda and dtype == torch.bfloat16,
@@ -165,10 +184,32 @@ def sft_config(cfg: JobConfig, run: RunFolder, model: Any, quantized: bool) -> A
         report_to=[] if t.report_to == "none" else [t.report_to],
         run_name=run.run_id,
         dataloader_pin_memory=cuda,
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not sys.stderr.isatty() or not distributed.is_main(),
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,
+        use_cpu=not cuda,  # without it, processes launched on CPUs train side by side instead of data-parallel
+        ddp_timeout=int(t.collective_timeout_s),
+        **fsdp_arguments(cfg, model),
     )
+
+
+def fsdp_arguments(cfg: JobConfig, model: Any) -> dict[str, Any]:
+    """With `training.distributed: fsdp`, shard the base's layers (and the adapter) across the processes."""
+    if cfg.training.distributed != "fsdp":
+        return {}
+    layers = sorted(getattr(model, "_no_split_modules", None) or [])
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "reshard_after_forward": True,  # full shard
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": layers,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": False,
+        },
+    }
 
 
 @dataclass
@@ -180,64 +221,53 @@ class TrainResult:
     train_seconds: float = 0.0
     """Wall time of `trainer.train()` in this session."""
     real_tokens: int = 0
-    """Tokens of training rows processed in this session (padding excluded)."""
+    """Tokens of training rows processed in this session (padding excluded; transformers' own count)."""
     processed_tokens: int = 0
     """Tokens the model processed in this session, padding included."""
     model: Any = None
     """The trained peft model, still in memory."""
 
 
-def _step(checkpoint: str | None) -> int:
-    return int(checkpoint.rstrip("/").rsplit("-", 1)[-1]) if checkpoint else -1
-
-
-def _resume_checkpoint(cfg: JobConfig, run: RunFolder, resume: str) -> str | None:
-    if resume == "never":
-        return None
-    from job.train.checkpoints import fetch_checkpoint, latest_complete_checkpoint
-
-    if resume != "auto":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no trainer_state.json)")
-        return resume
-    local = latest_complete_checkpoint(str(run.path / "checkpoints"))
-    remote = latest_complete_checkpoint(cfg.training.checkpoint_uri) if cfg.training.checkpoint_uri else None
-    if remote and _step(remote) > _step(local):
-        if is_remote(cfg.training.checkpoint_uri):
-            return str(fetch_checkpoint(remote, run.sub("checkpoints")))
-        return remote
-    return local
-
-
-def train(
-    cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, resume: str, model_path: str, tokenizer: Any
-) -> TrainResult:
-    """Train the configured method on the prepared rows; save the adapter, tokenizer and model card."""
+def build_trainer(cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, model_path: str, tokenizer: Any) -> Any:
+    """trl's SFTTrainer on the prepared rows, its loss on supervised positions only (job.train.loss)."""
     from trl import SFTTrainer
 
+    from job.train.loss import supervised_positions_only
     from job.train.model import is_quantized, load_base_model, peft_config, prepare_for_training
 
-    base = load_base_model(cfg.model, model_path)
+    supervised_positions_only()
+    base = load_base_model(cfg.model, model_path, sharded=cfg.training.distributed == "fsdp")
     quantized = is_quantized(base)
     base = prepare_for_training(base, cfg)
-    args = sft_config(cfg, run, base, quantized)
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=base,
-        args=args,
+        args=sft_config(cfg, run, base, quantized),
         train_dataset=prepared.train_dataset(),
         processing_class=tokenizer,
         peft_config=peft_config(cfg.method, model_path),
     )
-    counter = TokenCounter(trainer.data_collator)
+
+
+def train(
+    cfg: JobConfig, run: RunFolder, prepared: PreparedData, *, checkpoint: str | None, model_path: str, tokenizer: Any
+) -> TrainResult:
+    """Train the configured method on the prepared rows, from `checkpoint` when given (see job.train.resume);
+    save the adapter, tokenizer and model card. `cfg` is final: nothing here changes it."""
+    trainer = build_trainer(cfg, run, prepared, model_path=model_path, tokenizer=tokenizer)
+    counter = PaddedTokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressLog prints one richer line per logging step
-    checkpoint = _resume_checkpoint(cfg, run, resume)
     if checkpoint:
-        print(f"resuming from {checkpoint}", file=sys.stderr, flush=True)
+        distributed.say(f"resuming from {checkpoint}")
+    if distributed.world_size() > 1:
+        t = cfg.training
+        batch = distributed.describe_batch(t.per_device_batch_size, t.gradient_accumulation_steps)
+        distributed.say(f"data parallel ({t.distributed}, {distributed.world_size()} processes): {batch}")
     with PreemptionFlag() as preemption:
-        for callback in _callbacks(run, counter, preemption):
+        progress, *others = _callbacks(run, counter, preemption)
+        for callback in (progress, *others):
             trainer.add_callback(callback)
         if cfg.training.checkpoint_uri:
             from job.train.checkpoints import CheckpointMirror
@@ -250,25 +280,73 @@ def train(
         if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
             if cfg.training.checkpoint_uri:
                 mirror.wait()
+            distributed.barrier()  # the ranks exit together, after rank 0 has mirrored the checkpoint
             raise PreemptedError(
                 f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
                 f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to continue"
             )
     adapter_dir = run.path / "adapter"
+    trainer.save_model(str(adapter_dir))  # on every rank: under FSDP the ranks gather the weights together
+    _record_ranks(run, counter)
     if trainer.is_world_process_zero():
-        trainer.save_model(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
         from job.train.model_card import write_model_card
 
-        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=args.packing)
+        write_model_card(adapter_dir, cfg, prepared, trainer.state.global_step, packed=trainer.args.packing,
+                         world_size=distributed.world_size())
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
-    return TrainResult(
+    result = TrainResult(
         adapter_dir, trainer.state.global_step, final_loss, train_log,
-        train_seconds=train_seconds, real_tokens=counter.real_tokens, processed_tokens=counter.processed_tokens,
-        model=trainer.model,
+        train_seconds=train_seconds, real_tokens=trainer.state.num_input_tokens_seen - progress.first_tokens,
+        processed_tokens=counter.processed_tokens, model=trainer.model,
     )
+    _release(trainer)
+    return result
+
+
+def _record_ranks(run: RunFolder, counter: PaddedTokenCounter) -> None:
+    """`logs/ranks.json` (several processes only): the rows and tokens each rank trained on, and how many rows
+    two ranks had in the same batch (0: the ranks split each global batch; more would be duplicated work)."""
+    if distributed.world_size() <= 1:
+        return
+    gathered = distributed.gather_all((counter.batch_rows, counter.processed_tokens))
+    if not distributed.is_main():
+        return
+    batches = [rows for rows, _ in gathered]
+    duplicated = sum(
+        len(a & b)
+        for same_batch in zip(*batches, strict=False)
+        for i, a in enumerate(same_batch)
+        for b in same_batch[i + 1 :]
+    )
+    record = {
+        "world_size": len(gathered),
+        "ranks": [
+            {"rank": r, "batches": len(rows), "rows": sum(map(len, rows)), "processed_tokens": tokens}
+            for r, (rows, tokens) in enumerate(gathered)
+        ],
+        "batches_compared": min(map(len, batches)),
+        "rows_in_several_ranks_batches": duplicated,
+    }
+    (run.sub("logs") / "ranks.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _release(trainer: Any) -> None:
+    """Free what only training needs (optimizer state, gradients, the accelerator's references) so that
+    evaluation runs beside nothing but the trained model."""
+    import gc
+
+    import torch
+
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    trainer.callback_handler.callbacks.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def read_train_log(run_path: Path) -> list[dict[str, Any]]:
