@@ -261,16 +261,16 @@ def train_with_job(ctx: Context, cfg: Any) -> tuple[Any, Any, Any]:
     Returns (TrainResult, PreparedData, StepClock).
     """
     from job.data.prepare import prepare
-    from job.storage.run_folder import open_run_folder
     from job.train.model import load_tokenizer
+    from job.train.resume import plan_run
     from job.train.trainer import train
 
     path = str(ctx.model_dir)
     tokenizer = load_tokenizer(cfg.model, path)
     prepared = prepare(cfg, tokenizer)
-    run = open_run_folder(cfg, "never", overwrite=True)
+    plan = plan_run(cfg, "never", overwrite=True)
     with observe_trainers() as clock:
-        result = train(cfg, run, prepared, resume="never", model_path=path, tokenizer=tokenizer)
+        result = train(plan.cfg, plan.run, prepared, checkpoint=None, model_path=path, tokenizer=tokenizer)
     result.model = None  # free the GPU for the next part
     return result, prepared, clock
 

@@ -23,9 +23,10 @@ from job.config import load_config
 from job.errors import EXIT_PREEMPTED, MissingInputError
 from job.storage import objects as storage
 from job.storage.artifacts import pull_run
-from job.storage.publish import MANIFEST, OVERWRITE_MARKER, build_manifest, publish_run
-from job.storage.run_folder import open_run_folder
+from job.storage.publish import MANIFEST, build_manifest, publish_run
+from job.storage.run_folder import OVERWRITE_MARKER
 from job.train.checkpoints import TRAINER_STATE, latest_complete_checkpoint, prune_checkpoints
+from job.train.resume import plan_run
 
 
 def _keys(client: Any, bucket: str, prefix: str) -> set[str]:
@@ -117,7 +118,7 @@ def test_overwrite_commits_the_new_manifest_then_leaves_no_old_object(s3_bucket:
     old_keys = _keys(s3_client, s3_bucket, "runs/run-1/")
     assert "eval/only-in-the-old-run.txt" in old_keys
 
-    from job.storage.publish import begin_overwrite
+    from job.storage.run_folder import begin_overwrite
 
     new = make_run_folder(tmp_path / "new", adapter_bytes=8192)
     shutil.rmtree(new / "checkpoints")
@@ -151,12 +152,12 @@ def test_preempted_overwrite_resumes_with_the_same_command(s3_bucket: str, s3_cl
     publish_run(old, dest, _manifest(old, "2025-01-01T00:00:00+00:00", f"{dest}/checkpoints"))
 
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "machine-1"))
-    open_run_folder(cfg, "auto", overwrite=True)
+    plan_run(cfg, "auto", overwrite=True)
     assert latest_complete_checkpoint(f"{dest}/checkpoints") is None, "the old run's checkpoints must not resume"
     _upload_checkpoint(f"{dest}/checkpoints", 4, tmp_path / "new-ckpt")  # the new run's progress, then SIGTERM
 
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "machine-2"))  # a new machine, an empty disk
-    folder = open_run_folder(cfg, "auto", overwrite=True)
+    folder = plan_run(cfg, "auto", overwrite=True).run
     assert latest_complete_checkpoint(f"{dest}/checkpoints") == f"{dest}/checkpoints/checkpoint-4"
     assert (folder.path / OVERWRITE_MARKER).is_file()
     assert storage.read_json(f"{dest}/{MANIFEST}")["started_at"].startswith("2025-01-01")  # old run still whole
@@ -173,7 +174,7 @@ def test_preempted_overwrite_resumes_with_the_same_command(s3_bucket: str, s3_cl
     assert OVERWRITE_MARKER not in keys
 
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "machine-3"))
-    open_run_folder(cfg, "auto", overwrite=True)  # committed: a later --overwrite starts afresh
+    plan_run(cfg, "auto", overwrite=True)  # committed: a later --overwrite starts afresh
     assert latest_complete_checkpoint(f"{dest}/checkpoints") is None
 
 
@@ -269,12 +270,12 @@ def test_preempted_local_overwrite_keeps_its_progress(tmp_path: Path):
     cfg = load_config("gemma-2b-it-lora", [f"output.uri={tmp_path / 'runs'}", "output.run_id=r1"])
     old = make_run_folder(tmp_path / "runs", "r1")
     publish_run(old, str(old), _manifest(old, "2025-01-01T00:00:00+00:00"))
-    folder = open_run_folder(cfg, "auto", overwrite=True)  # replaces the finished run...
+    folder = plan_run(cfg, "auto", overwrite=True).run  # replaces the finished run...
     assert not (folder.path / "eval").exists() and (folder.path / OVERWRITE_MARKER).is_file()
     (folder.path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     (folder.path / "checkpoints" / "checkpoint-4" / TRAINER_STATE).write_text('{"global_step": 4}')
-    again = open_run_folder(cfg, "auto", overwrite=True)  # ...and the same command after SIGTERM resumes it
+    again = plan_run(cfg, "auto", overwrite=True).run  # ...and the same command after SIGTERM resumes it
     assert latest_complete_checkpoint(str(again.path / "checkpoints")) == str(again.path / "checkpoints/checkpoint-4")
     publish_run(again.path, str(again.path), _manifest(again.path, "2025-02-02T00:00:00+00:00"))
     assert not (again.path / OVERWRITE_MARKER).exists()
-    assert not (open_run_folder(cfg, "auto", overwrite=True).path / "checkpoints").exists()  # committed: afresh
+    assert not (plan_run(cfg, "auto", overwrite=True).run.path / "checkpoints").exists()  # committed: afresh

@@ -15,8 +15,8 @@ from job.config import list_presets, load_config
 from job.data.prepare import prepare
 from job.data.prompts import INSTRUCTION, ChatFormatter
 from job.evaluation.generate import generate_predictions
-from job.storage.run_folder import open_run_folder
 from job.train.model import load_base_model, load_tokenizer, resolve_model_path
+from job.train.resume import plan_run
 from job.train.trainer import train
 
 GENERATION_PROMPT = {
@@ -74,8 +74,8 @@ def test_preset_trains_stops_reloads_and_serves(preset, family_model, short_rows
     example = formatter.tokenize(row)
     assert example.labels[-1] == end_of_turn and end_of_turn in formatter.stop_ids
 
-    run = open_run_folder(cfg, "never", overwrite=False)
-    result = train(cfg, run, prepared, resume="never", model_path=path, tokenizer=tokenizer)
+    plan = plan_run(cfg, "never", overwrite=False)
+    result = train(plan.cfg, plan.run, prepared, checkpoint=None, model_path=path, tokenizer=tokenizer)
     losses = [entry["loss"] for entry in result.train_log]
     assert losses[-1] < losses[0] / 2, losses
     base = result.model.get_base_model()
@@ -88,7 +88,7 @@ def test_preset_trains_stops_reloads_and_serves(preset, family_model, short_rows
     assert prediction["sql"].rstrip(";").strip() == row["sql"].rstrip(";").strip()
 
     # The saved adapter reloads with the same logits; vLLM's loader would accept it.
-    adapter = run.path / "adapter"
+    adapter = plan.run.path / "adapter"
     from peft import PeftModel
 
     inputs = torch.tensor([example.input_ids])

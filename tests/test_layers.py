@@ -18,6 +18,7 @@ LAYERS = [
     ("job.train",),
     ("job.evaluation",),
     ("job.storage.publish", "job.storage.artifacts"),
+    ("job.after",),
     ("job.platforms",),
     ("job.pipeline",),
     ("job.cli", "job.__main__"),

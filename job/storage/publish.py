@@ -5,8 +5,8 @@ lists the published run (adapter, reports, logs, data, config) with each file's 
 and, separately under `checkpoints`, the trainer checkpoints (with optimizer state) and where they are: those
 are not part of the published run, and `artifacts pull` fetches them only when asked.
 
-Replacing a run (`--overwrite`) starts with `begin_overwrite`, which drops the old run's checkpoints and leaves
-a marker so that a retry of the same command resumes the replacement; `publish_run` then removes the old
+Replacing a run (`--overwrite`) starts with `run_folder.begin_overwrite`, which drops the old run's checkpoints
+and leaves a marker so that a retry of the same command resumes the replacement; `publish_run` then removes the old
 manifest, uploads the new files, commits the new manifest, and only then deletes every object the new manifest
 does not list. A reader sees the old run, an incomplete run, or the new run: never a mix.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from job.errors import ConfigError, JobError
 from job.settings import MANIFEST
 from job.storage import objects as storage
+from job.storage.run_folder import OVERWRITE_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,6 @@ MANIFEST_VERSION = 2
 """2: `files` holds the published run only; checkpoints are listed under `checkpoints`."""
 CHECKPOINTS_DIR = "checkpoints"
 """The Trainer's output folder inside a run folder (checkpoint-N subfolders)."""
-OVERWRITE_MARKER = ".overwrite-in-progress.json"
-"""In a run folder (and at a remote destination) while `--overwrite` is replacing that run."""
 _TRAINER_STATE = "trainer_state.json"
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate")
 
@@ -113,35 +111,6 @@ def read_manifest(uri: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def resume_overwrite(run_dir: Path, dest_uri: str) -> bool:
-    """Whether an `--overwrite` of the run at `dest_uri` was started and not committed yet, so that a retry of
-    the same command resumes it rather than starting over. On a new machine, `run_dir` adopts the marker."""
-    local = run_dir / OVERWRITE_MARKER
-    if local.is_file():
-        return True
-    remote = storage.join(dest_uri, OVERWRITE_MARKER)
-    if not storage.is_remote(dest_uri) or not storage.exists(remote):
-        return False
-    run_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_text(str(local), storage.read_text(remote))
-    return True
-
-
-def begin_overwrite(run_dir: Path, dest_uri: str, checkpoint_uri: str | None) -> None:
-    """Start replacing the run at `dest_uri`: delete the old run's checkpoints at `checkpoint_uri` (a resume must
-    never continue them), then mark the replacement in `run_dir` and at `dest_uri`. The old run stays readable
-    until `publish_run` commits the new manifest."""
-    if checkpoint_uri:
-        removed = storage.remove_tree(checkpoint_uri)
-        if removed:
-            logger.info("overwrite: removed %d files of the old run's checkpoints at %s", removed, checkpoint_uri)
-    marker = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "replaces": dest_uri}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    storage.write_json(str(run_dir / OVERWRITE_MARKER), marker)
-    if storage.is_remote(dest_uri):
-        storage.write_json(storage.join(dest_uri, OVERWRITE_MARKER), marker)
 
 
 def _kept_after_overwrite(dest_uri: str, manifest: dict[str, Any]) -> set[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,7 +20,13 @@ import yaml
 from job.config import JobConfig
 from job.errors import ConfigError
 from job.settings import CONFIG_FILE, MANIFEST, cache_root
+from job.storage import objects as storage
 from job.storage.objects import is_remote
+
+logger = logging.getLogger(__name__)
+
+OVERWRITE_MARKER = ".overwrite-in-progress.json"
+"""In a run folder (and at a remote destination) while `--overwrite` is replacing that run."""
 
 
 def config_hash(cfg: JobConfig) -> str:
@@ -85,3 +92,32 @@ class RunFolder:
         target = self.path.joinpath(*parts)
         target.mkdir(parents=True, exist_ok=True)
         return target
+
+
+def resume_overwrite(run_dir: Path, dest_uri: str) -> bool:
+    """Whether an `--overwrite` of the run at `dest_uri` was started and not committed yet, so that a retry of
+    the same command resumes it rather than starting over. On a new machine, `run_dir` adopts the marker."""
+    local = run_dir / OVERWRITE_MARKER
+    if local.is_file():
+        return True
+    remote = storage.join(dest_uri, OVERWRITE_MARKER)
+    if not storage.is_remote(dest_uri) or not storage.exists(remote):
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_text(str(local), storage.read_text(remote))
+    return True
+
+
+def begin_overwrite(run_dir: Path, dest_uri: str, checkpoint_uri: str | None) -> None:
+    """Start replacing the run at `dest_uri`: delete the old run's checkpoints at `checkpoint_uri` (a resume must
+    never continue them), then mark the replacement in `run_dir` and at `dest_uri`. The old run stays readable
+    until `publish_run` commits the new manifest."""
+    if checkpoint_uri:
+        removed = storage.remove_tree(checkpoint_uri)
+        if removed:
+            logger.info("overwrite: removed %d files of the old run's checkpoints at %s", removed, checkpoint_uri)
+    marker = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "replaces": dest_uri}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.write_json(str(run_dir / OVERWRITE_MARKER), marker)
+    if storage.is_remote(dest_uri):
+        storage.write_json(storage.join(dest_uri, OVERWRITE_MARKER), marker)

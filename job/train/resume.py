@@ -22,8 +22,15 @@ from job.config import JobConfig
 from job.errors import ConfigError
 from job.settings import CONFIG_FILE, MANIFEST
 from job.storage import objects as storage
-from job.storage.publish import begin_overwrite, resume_overwrite
-from job.storage.run_folder import RunFolder, config_hash, destination, new_run_id, staging_root
+from job.storage.run_folder import (
+    RunFolder,
+    begin_overwrite,
+    config_hash,
+    destination,
+    new_run_id,
+    resume_overwrite,
+    staging_root,
+)
 from job.train.checkpoints import TRAINER_STATE, checkpoint_step, fetch_checkpoint, latest_complete_checkpoint
 from job.train.distributed import check_resume_world_size
 
