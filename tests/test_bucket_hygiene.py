@@ -157,16 +157,16 @@ def test_preempted_overwrite_resumes_with_the_same_command(s3_bucket: str, s3_cl
     _upload_checkpoint(f"{dest}/checkpoints", 4, tmp_path / "new-ckpt")  # the new run's progress, then SIGTERM
 
     monkeypatch.setenv("FINETUNE_WORK_DIR", str(tmp_path / "machine-2"))  # a new machine, an empty disk
-    folder = plan_run(cfg, "auto", overwrite=True).run
+    plan = plan_run(cfg, "auto", overwrite=True)
+    folder = plan.run
     assert latest_complete_checkpoint(f"{dest}/checkpoints") == f"{dest}/checkpoints/checkpoint-4"
+    assert plan.checkpoint == str(folder.path / "checkpoints" / "checkpoint-4")  # fetched: the new run continues
     assert (folder.path / OVERWRITE_MARKER).is_file()
     assert storage.read_json(f"{dest}/{MANIFEST}")["started_at"].startswith("2025-01-01")  # old run still whole
 
     (folder.path / "adapter").mkdir()
     (folder.path / "adapter" / "adapter_model.safetensors").write_bytes(b"new")
-    (folder.path / "checkpoints").mkdir()
-    (folder.path / "checkpoints" / "checkpoint-4").mkdir()
-    (folder.path / "checkpoints" / "checkpoint-4" / TRAINER_STATE).write_text('{"global_step": 4}')
+    assert (folder.path / "checkpoints" / "checkpoint-4" / TRAINER_STATE).is_file()
     manifest = _manifest(folder.path, "2025-03-03T00:00:00+00:00", f"{dest}/checkpoints")
     publish_run(folder.path, dest, manifest)  # as the pipeline republishes: the marker stands for --overwrite
     keys = _keys(s3_client, s3_bucket, "runs/r1/")
