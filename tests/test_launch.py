@@ -20,7 +20,7 @@ sys.exit(codes[int(os.environ["RANK"])])
 
 @pytest.mark.parametrize(("codes", "expected"), [
     ([0, 0], 0), ([75, 75], 75), ([0, 75], 75), ([3, 75], 3), ([75, 2], 2), ([1, 75], 1), ([137, 0], 1),
-    ([2, 3], 2),
+    ([2, 3], 2), ([75, -15], 75), ([-9, -15], 1), ([3, -15], 3),
 ])
 def test_exit_code_mapping(codes: list[int], expected: int):
     assert exit_code(codes) == expected

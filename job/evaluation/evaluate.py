@@ -279,9 +279,10 @@ def score_and_report(
     results = score_models(rows, predictions, scoring_settings(cfg))
     metrics = {label: result[0] for label, result in results.items()}
     scored = {label: result[1] for label, result in results.items()}
+    # The reports add the paired tuned-vs-base test to the tuned metrics (`vs_base`): write each model's files after.
+    write_reports(out_dir, metrics, scored, train_log=train_log, title=f"Text-to-SQL evaluation: {cfg.model.name}")
     for label in results:
         (out_dir / label).mkdir(parents=True, exist_ok=True)
         (out_dir / label / "metrics.json").write_text(json.dumps(metrics[label], indent=2) + "\n")
         _write_jsonl(out_dir / label / "scored.jsonl", scored[label])
-    write_reports(out_dir, metrics, scored, train_log=train_log, title=f"Text-to-SQL evaluation: {cfg.model.name}")
     return metrics

@@ -23,16 +23,17 @@ KEPT_EXIT_CODES = frozenset({2, 3, 75})
 def exit_code(worker_codes: Sequence[int]) -> int:
     """The launcher's exit code for the failed workers' codes (in rank order).
 
-    A code every failed worker agrees on among 2/3/75 is kept; 2 and 3 win over 75 (a retry cannot help when
-    one rank cannot start); anything else (a crash, a signal) is 1.
+    Negative codes are ranks torchrun stopped by a signal once another rank had failed, so the codes of ranks
+    that exited by themselves decide: 2 and 3 win (a retry cannot help when one rank cannot start); 75 when
+    every such rank stopped after the SIGTERM checkpoint; anything else (a crash, only signals) is 1.
     """
-    codes = [code for code in worker_codes if code != 0]
-    if not codes:
+    if not any(code != 0 for code in worker_codes):
         return 0
+    exited = [code for code in worker_codes if code > 0]
     for code in (2, 3):
-        if code in codes:
+        if code in exited:
             return code
-    return 75 if all(code == 75 for code in codes) else EXIT_UNEXPECTED
+    return EXIT_PREEMPTED if exited and all(code == EXIT_PREEMPTED for code in exited) else EXIT_UNEXPECTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
