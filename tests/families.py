@@ -3,11 +3,10 @@ chat templates behave like the real ones: special tokens, system-role rule, end-
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiny import GEMMA_TEMPLATE, SAMPLE
+from tiny import GEMMA_TEMPLATE, train_bpe
 
 # Llama 3.2 Instruct: always a system header (with its date lines), the user's system message inside it; <|eot_id|>.
 LLAMA3_TEMPLATE = (
@@ -73,21 +72,9 @@ PRESET_FAMILY = {preset: family for family in FAMILIES.values() for preset in fa
 
 def build_family_tokenizer(family: Family, vocab_size: int = 600):
     """A byte-level BPE tokenizer trained on the shipped sample, with the family's special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = []
-    for line in SAMPLE.read_text().splitlines():
-        row = json.loads(line)
-        texts += [row["sql_prompt"], row["sql_context"], row["sql"]]
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(family.specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    core.train_from_iterator(texts, trainer=trainer)
+    core = train_bpe(list(family.specials), vocab_size)
     named = {"bos_token": family.bos, "eos_token": family.eos, "pad_token": family.pad, "unk_token": "<unk>"}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, **{k: v for k, v in named.items() if v},

@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_runner import run_cli, sets
+from cli_runner import preempt_after_logged_steps, run_cli, sets
 from s3_fixtures import make_run_folder
 
 from job.config import load_config
@@ -204,16 +202,9 @@ def test_preempted_overwrite_of_a_real_run_resumes_and_leaves_a_clean_bucket(
         tiny_model, sample_path, "training.max_steps=12", "training.save_steps=2", "training.save_total_limit=2",
         "training.learning_rate=1e-3")]
     disk = tmp_path / "m1"
-    process = subprocess.Popen(command, env={**env, "FINETUNE_WORK_DIR": str(disk)}, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
     log = disk / "r9" / "logs" / "train_log.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == EXIT_PREEMPTED, process.stderr.read()
+    code, stderr = preempt_after_logged_steps(command, {**env, "FINETUNE_WORK_DIR": str(disk)}, log)
+    assert code == EXIT_PREEMPTED, stderr
     assert storage.read_json(f"{output}/r9/{MANIFEST}")["started_at"].startswith("2025-01-01")  # old run whole
     shutil.rmtree(disk)
 

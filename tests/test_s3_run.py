@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
-from cli_runner import run_cli, sets
+from cli_runner import preempt_after_logged_steps, run_cli, sets
 from s3_fixtures import ACCESS_KEY, SECRET_KEY
 
 from job.errors import EXIT_PREEMPTED
@@ -77,16 +75,9 @@ def test_preempted_run_resumes_from_the_bucket_on_an_empty_disk(tmp_path, tiny_m
             *_overrides(tiny_model, sample_path, "training.max_steps=40", "training.save_steps=2")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") or k.startswith("FINETUNE_S3")}
     first_disk = tmp_path / "machine-1"
-    process = subprocess.Popen(args, env={**env, "FINETUNE_WORK_DIR": str(first_disk)}, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, text=True)
     log = first_disk / "r2" / "logs" / "train_log.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == EXIT_PREEMPTED, process.stderr.read()
+    code, stderr = preempt_after_logged_steps(args, {**env, "FINETUNE_WORK_DIR": str(first_disk)}, log)
+    assert code == EXIT_PREEMPTED, stderr
     shutil.rmtree(first_disk)  # the spot instance is gone, and its disk with it
 
     second = subprocess.run([*args, "--resume", "auto"], env={**env, "FINETUNE_WORK_DIR": str(tmp_path / "machine-2")},

@@ -25,10 +25,9 @@ SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_o
 SAMPLE = shipped_sample()
 
 
-def build_tokenizer(template: str = GEMMA_TEMPLATE, vocab_size: int = 600):
-    """A byte-level BPE tokenizer trained on the shipped sample, with Gemma's special tokens."""
+def train_bpe(special_tokens: list[str], vocab_size: int):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the shipped sample's text, with these special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     texts = []
     for line in SAMPLE.read_text().splitlines():
@@ -38,9 +37,17 @@ def build_tokenizer(template: str = GEMMA_TEMPLATE, vocab_size: int = 600):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     core.train_from_iterator(texts, trainer=trainer)
+    return core
+
+
+def build_tokenizer(template: str = GEMMA_TEMPLATE, vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on the shipped sample, with Gemma's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    core = train_bpe(SPECIAL_TOKENS, vocab_size)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=["<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>"],

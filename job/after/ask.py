@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from job.after.source import RunSource
+from job.data.jsonl import read_records
 from job.errors import ConfigError, JobError, MissingInputError
 
 
@@ -15,17 +15,10 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     """JSON lines, each {"question": "...", optional "id" and "schema" (schema text for that question)}."""
     if not path.is_file():
         raise MissingInputError(f"--file {path}: no such file")
-    questions = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--file {path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or not record["question"]:
-            raise ConfigError(f'--file {path}:{number}: expected {{"question": "..."}}')
-        questions.append(record)
+    questions = read_records(
+        path, "--file", lambda r: isinstance(r, dict) and isinstance(r.get("question"), str) and bool(r["question"]),
+        '{"question": "..."}',
+    )
     if not questions:
         raise ConfigError(f"--file {path}: no questions")
     return questions

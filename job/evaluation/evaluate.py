@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
+from job.data.jsonl import read_records
 from job.errors import ConfigError, JobError, MissingInputError
 
 
@@ -23,18 +24,10 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
     """Predictions as JSON lines with at least `id` and `sql`; a bad line is a one-line usage error."""
     if not path.is_file():
         raise ConfigError(f"--predictions {path}: no such file")
-    predictions = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--predictions {path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "id" not in record or not isinstance(record.get("sql", ""), str):
-            raise ConfigError(f'--predictions {path}:{number}: expected {{"id": ..., "sql": "..."}}')
-        predictions.append(record)
-    return predictions
+    return read_records(
+        path, "--predictions",
+        lambda r: isinstance(r, dict) and "id" in r and isinstance(r.get("sql", ""), str), '{"id": ..., "sql": "..."}',
+    )
 
 
 def scoring_settings(cfg: JobConfig) -> Any:
