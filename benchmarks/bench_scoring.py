@@ -57,11 +57,19 @@ def _child(mode: str) -> dict[str, Any]:
         }
         for label, (m, _) in score_models(rows, constants, settings).items():
             out[label] = {k: m[k] for k in ("execution_accuracy", "execution_accuracy_single_db", "ci95")}
-    usage_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out["peak_rss_mb"] = usage_self / 1024
+    out["peak_rss_mb"] = _own_peak_rss_kb() / 1024
     out["peak_worker_rss_mb"] = usage_children / 1024 if usage_children else None
     return out
+
+
+def _own_peak_rss_kb() -> int:
+    """This process's peak RSS since its exec (VmHWM). Not getrusage(RUSAGE_SELF): Linux carries the parent's
+    peak across fork and exec, so a scorer started by a big `make bench` process would report that process's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run() -> dict[str, Any]:
