@@ -113,8 +113,8 @@ def markdown(r: dict[str, Any]) -> str:
 `python benchmarks/bench_scoring.py` (phase `scoring` of `make bench`): the {suite['rows']} shipped rows
 ({suite['n_scored']} scorable; gold scores {_pct(suite['gold_accuracy'])}), the gold queries as predictions (every
 one matches on its own database, so every suite database runs: the slowest case). Each mode in a fresh process;
-{r['cores']} cores, load average {r['load_before']:.1f} before and {r['load_after']:.1f} after (other agents share
-the machine: the ratios, measured in the same run, are the point).
+{r['cores']} cores, load average {r['load_before']:.1f} before and {r['load_after']:.1f} after (on a busy machine
+absolute times grow: the ratios, measured in the same run, are the point).
 
 | scorer | wall time | vs single-DB | peak memory (RSS) |
 |---|---|---|---|
