@@ -37,6 +37,9 @@ class ModelConfig(_Section):
     attn_implementation: str | None = None
     """None lets transformers choose (sdpa); set `flash_attention_2` where it is installed."""
     trust_remote_code: bool = False
+    chat_template: str | None = None
+    """For a tokenizer without a chat template (a base model): `gemma` or `chatml` (shipped with the job) or the
+    path of a Jinja file. A tokenizer's own template is kept; the adapter's tokenizer carries the one used."""
 
 
 class MethodConfig(_Section):

@@ -1,4 +1,4 @@
-"""Tiny models of the preset families (Gemma 2, Llama 3.2, Qwen 2.5), built at test time with tokenizers whose
+"""Tiny models of the preset families (Gemma 2, Gemma 3, Llama 3.2, Qwen 2.5), built at test time with tokenizers whose
 chat templates behave like the real ones: special tokens, system-role rule, end-of-turn token, EOS."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ QWEN25_TEMPLATE = (
 class Family:
     name: str
     presets: tuple[str, ...]
-    template: str
+    template: str | None
+    """None: the tokenizer has no chat template (a base model); the preset's model.chat_template supplies it."""
     end_of_turn: str
     system_role: bool
     bos: str | None
@@ -52,6 +53,12 @@ FAMILIES = {
         ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), ("<eos>", "<end_of_turn>"),
         "gemma2", {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16,
                    "sliding_window": 64},
+    ),
+    # Gemma 3 270M is a base model: its tokenizer has no template, the preset names the shipped `gemma` one.
+    "gemma-3": Family(
+        "gemma-3", ("gemma3-270m-cpu-demo",), None, "<end_of_turn>", True, "<bos>", "<eos>", "<pad>",
+        ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), ("<eos>",),
+        "gemma3_text", {"query_pre_attn_scalar": 32, "sliding_window": 64, "tie_word_embeddings": True},
     ),
     "llama-3.2": Family(
         "llama-3.2", ("llama-3.2-1b-instruct-lora", "llama-3.2-3b-instruct-qlora"), LLAMA3_TEMPLATE, "<|eot_id|>",

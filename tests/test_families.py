@@ -21,6 +21,7 @@ from job.train.trainer import train
 
 GENERATION_PROMPT = {
     "gemma-2": "<start_of_turn>model\n",
+    "gemma-3": "<start_of_turn>model\n",
     "llama-3.2": "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "qwen2.5": "<|im_start|>assistant\n",
 }
@@ -101,4 +102,8 @@ def test_preset_trains_stops_reloads_and_serves(preset, family_model, short_rows
         reloaded = reloaded(input_ids=inputs).logits
     assert torch.allclose(reloaded, expected, atol=1e-4)
     assert vllm_problems(adapter, family.model_type) == []
+    # The adapter's tokenizer renders the same prompt (a base model's configured template travels with it).
+    from transformers import AutoTokenizer
+
+    assert ChatFormatter(AutoTokenizer.from_pretrained(adapter)).prompt(row) == prompt
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == cfg.method.lora_r

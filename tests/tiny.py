@@ -43,7 +43,7 @@ def train_bpe(special_tokens: list[str], vocab_size: int):
     return core
 
 
-def build_tokenizer(template: str = GEMMA_TEMPLATE, vocab_size: int = 600):
+def build_tokenizer(template: str | None = GEMMA_TEMPLATE, vocab_size: int = 600):
     """A byte-level BPE tokenizer trained on the shipped sample, with Gemma's special tokens."""
     from transformers import PreTrainedTokenizerFast
 

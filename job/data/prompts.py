@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from job.errors import ConfigError
@@ -14,6 +16,32 @@ INSTRUCTION = (
 
 # End-of-turn markers of common chat templates; generation stops at these and at the EOS token.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+SHIPPED_TEMPLATES = ("gemma", "chatml")
+"""Chat templates shipped in job/resources/chat_templates/, for base models whose tokenizer has none."""
+
+
+def chat_template_text(name_or_path: str) -> str:
+    """The Jinja text of a shipped template (`gemma`, `chatml`) or of a template file."""
+    if name_or_path in SHIPPED_TEMPLATES:
+        return (resources.files("job.resources") / "chat_templates" / f"{name_or_path}.jinja").read_text()
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"model.chat_template {name_or_path}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
+            "nor a file"
+        )
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"model.chat_template {name_or_path}: cannot read it ({type(exc).__name__})") from None
+
+
+def ensure_chat_template(tokenizer: Any, name_or_path: str | None) -> None:
+    """Give `tokenizer` the configured template when it has none of its own (a base model)."""
+    if name_or_path and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template_text(name_or_path)
 
 
 @dataclass
@@ -51,7 +79,10 @@ class ChatFormatter:
 
     def __init__(self, tokenizer: Any) -> None:
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("model.name: the tokenizer has no chat template; use an instruction-tuned (chat) model")
+            raise ConfigError(
+                "model.name: the tokenizer has no chat template; use an instruction-tuned (chat) model, or set "
+                f"model.chat_template to one of {', '.join(SHIPPED_TEMPLATES)} or a Jinja file"
+            )
         self.tokenizer = tokenizer
         self.system_role = supports_system_role(tokenizer)
         self.stop_ids = stop_token_ids(tokenizer)

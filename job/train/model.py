@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig, MethodConfig, ModelConfig
+from job.data.prompts import ensure_chat_template
 from job.errors import ConfigError, MissingInputError
 from job.settings import cache_root
 
@@ -85,6 +86,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None) -> Any:
         raise _hub_error(cfg.name, exc) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    ensure_chat_template(tokenizer, cfg.chat_template)
     return tokenizer
 
 
