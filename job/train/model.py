@@ -59,8 +59,9 @@ def resolve_model_path(name: str) -> str:
     path = Path(name.removeprefix("file://")).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            hint = " (fetch the demo model with: python -m job.train.demo_model)" if "SmolLM2" in path.name else ""
-            raise ConfigError(f"model.name {name}: no such .gguf file{hint}")
+            from job.train.demo_model import fetch_hint
+
+            raise ConfigError(f"model.name {name}: no such .gguf file{fetch_hint(path)}")
         return str(_converted_gguf(path))
     if path.exists():
         if not (path / "config.json").is_file():
