@@ -88,8 +88,9 @@ class Suite:
     survivors: list[str] = field(default_factory=list)
     """Neighbours no database told apart from the gold (equivalent to it, or too subtle for the budget)."""
     trivial: str | None = None
-    """Why a constant could match the gold on every database (own and suite), e.g. "empty result on every
-    database"; None when some database gives an answer no constant guesses (`nontrivial`)."""
+    """Why a prediction that ignores the question could match the gold on every database (own and suite), e.g.
+    "empty result on every database"; None when some database gives an answer no constant guesses (`nontrivial`)
+    and some database an answer other than the own database's."""
 
     def close(self) -> None:
         for db in self.databases:
