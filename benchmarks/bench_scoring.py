@@ -3,14 +3,14 @@
 Usage: python benchmarks/bench_scoring.py  (prints the BENCHMARKS.md section; `benchmarks/run_all.py` runs it as
 phase `scoring`). Each mode runs in a fresh process so its peak memory is its own. Timed: scoring the gold
 queries as predictions (every prediction matches on its own database, so every suite database is run: the slowest
-case). Untimed, in the suite run: two constant predictors, to show what each metric lets through.
+case). Untimed, in the suite run: the constant predictors of `bench_constants.py` on the shipped and on 100 held-out
+rows, to show what each metric lets through.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+HOLDOUT = ROOT / "tests" / "data" / "gretel_holdout.jsonl"
+"""100 real rows the suites were not built on (tests/data/PROVENANCE.md)."""
 MODES = {
     "single_db": {"test_suite_size": 0, "workers": 1},
     "suite_one_process": {"workers": 1},
@@ -29,11 +31,6 @@ LABELS = {
     "suite_one_process": "test-suite scorer (default suite), 1 process",
     "suite": "test-suite scorer (default suite), one process per core",
 }
-
-
-def _first_table(context: str) -> str:
-    match = re.search(r"create\s+table\s+(?:if\s+not\s+exists\s+)?([\w.`\"]+)", context, re.I)
-    return match.group(1).split(".")[-1].strip('`"') if match else "t"
 
 
 def _child(mode: str) -> dict[str, Any]:
@@ -50,13 +47,17 @@ def _child(mode: str) -> dict[str, Any]:
     out: dict[str, Any] = {"seconds": seconds, "rows": len(rows), "n_scored": metrics["n_scored"],
                            "gold_accuracy": metrics["execution_accuracy"], "test_suite": metrics["test_suite"]}
     if mode == "suite":
-        tables = [(r["id"], _first_table(r["sql_context"])) for r in rows]
-        constants = {
-            "empty": [{"id": i, "sql": f"SELECT * FROM {table} WHERE 1=0"} for i, table in tables],
-            "star": [{"id": i, "sql": f"SELECT * FROM {table}"} for i, table in tables],
-        }
-        for label, (m, _) in score_models(rows, constants, settings).items():
-            out[label] = {k: m[k] for k in ("execution_accuracy", "execution_accuracy_single_db", "ci95")}
+        import bench_constants
+
+        holdout = [json.loads(line) for line in HOLDOUT.read_text().splitlines()]
+        for name, these in (("shipped", rows), ("holdout", holdout)):
+            measured = bench_constants.measure(these, settings.workers)
+            out[name] = {
+                **{k: measured[k] for k in ("rows", "n_scored", "n_trivial", "test_suite")},
+                "constants": {label: {k: c[k] for k in ("sql", "execution_accuracy", "execution_accuracy_single_db",
+                                                         "ci95")} | {"passed": len(c["passed"])}
+                              for label, c in measured["constants"].items()},
+            }
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out["peak_rss_mb"] = _own_peak_rss_kb() / 1024
     out["peak_worker_rss_mb"] = usage_children / 1024 if usage_children else None
@@ -101,12 +102,13 @@ def markdown(r: dict[str, Any]) -> str:
         + " |"
         for mode in MODES
     )
+    shipped, holdout = suite["shipped"], suite["holdout"]
     constants = "\n".join(
-        f"| {name} | {_pct(suite[key]['execution_accuracy'])}{_ci(suite[key]['ci95']['execution_accuracy'])} | "
-        f"{_pct(suite[key]['execution_accuracy_single_db'])}"
-        f"{_ci(suite[key]['ci95']['execution_accuracy_single_db'])} |"
-        for key, name in (("empty", "`SELECT * FROM <first table> WHERE 1=0`"),
-                          ("star", "`SELECT * FROM <first table>`"))
+        f"| `{c['sql'].replace('{table}', '<first table>')}` | "
+        + " | ".join(f"{_pct(m['constants'][key]['execution_accuracy'])}{_ci(m['constants'][key]['ci95'])} | "
+                     f"{_pct(m['constants'][key]['execution_accuracy_single_db'])}" for m in (shipped, holdout))
+        + " |"
+        for key, c in shipped["constants"].items()
     )
     return f"""## 5. Scoring: test-suite execution accuracy vs the single database
 
@@ -124,8 +126,14 @@ Suite power: the default suite (up to {power['size']} databases per row, {power[
 mean {power['mean_databases']:.2f} kept) rejects **{_pct(power['power'])}** of the {power['neighbours']} wrong
 neighbours of the gold queries; the row's own database alone rejects {_pct(power['power_single_db'])}.
 
-| constant predictor (95% interval) | test-suite accuracy | single-DB accuracy |
-|---|---|---|
+Predictions that ignore the question (`python benchmarks/bench_constants.py [--rows FILE]` lists the rows each
+one passes, and why), on the shipped rows and on 100 real rows not shipped and not used to build the suites
+(`tests/data/gretel_holdout.jsonl`; suite power there {_pct(holdout['test_suite']['power'])}). Rows where no
+database could make the gold's answer one a constant cannot match are reported as trivial (`n_trivial`): shipped
+{shipped['n_trivial']} of {shipped['n_scored']}, held out {holdout['n_trivial']} of {holdout['n_scored']}.
+
+| constant (95% interval) | shipped: test suite | shipped: single DB | held out: test suite | held out: single DB |
+|---|---|---|---|---|
 {constants}
 """
 

@@ -62,6 +62,11 @@ def test_rewritten_gold_gives_the_hand_checked_answer(shipped, row_id) -> None:
         # Postgres interval arithmetic and CURRENT_DATE, pinned
         ("SELECT COUNT(*) FROM t WHERE d > CURRENT_DATE - INTERVAL '30' DAY", [(1,)]),
         ("SELECT COUNT(*) FROM t WHERE d BETWEEN date('now', '-1 year') AND date('now')", [(2,)]),
+        # weeks and quarters, which SQLite's date modifiers lack: 7 days and 3 months (sqlglot's '1 WEEK' is NULL)
+        ("SELECT COUNT(*) FROM t WHERE d >= DATE_SUB(CURDATE(), INTERVAL 1 WEEK)", [(1,)]),
+        ("SELECT COUNT(*) FROM t WHERE d > DATE_ADD(CURRENT_DATE, INTERVAL -53 WEEK)", [(3,)]),
+        ("SELECT COUNT(*) FROM t WHERE d >= DATEADD(quarter, -4, GETDATE())", [(2,)]),
+        ("SELECT COUNT(*) FROM t WHERE d >= DATE_SUB('2024-01-15', INTERVAL '2' QUARTER)", [(1,)]),
     ],
 )
 def test_date_functions_use_the_fixed_now(gold, expected) -> None:

@@ -105,3 +105,19 @@ def test_headline_markdown_table() -> None:
     assert single.splitlines()[0] == "| Metric | base |" and "| Execution accuracy (test suite) | 50.0% |" in single
     assert headline_markdown({"base": base, "delta": {"execution_accuracy": 0.1}}).splitlines()[0] == \
         "| Metric | base |"  # non-model entries of a metrics dict are not columns
+
+
+def test_trivial_rows_are_counted_and_listed_apart(tmp_path) -> None:
+    rows = [*_rows()[:3], {**_rows()[0], "id": 9, "sql": "SELECT b FROM t WHERE a > 5 AND a < 3"}]
+    metrics, records = score_predictions(rows, [{"id": r["id"], "sql": r["sql"]} for r in rows])
+    assert metrics["n_trivial"] == 1 and metrics["n_scored"] == 4 and metrics["execution_accuracy"] == 1.0
+    write_reports(tmp_path, {"tuned": metrics}, {"tuned": records})
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| n_trivial (a constant could match) | 1 |" in markdown
+    assert "## Trivial rows (1)" in markdown
+    assert "- id 9: empty result on every database: `SELECT b FROM t WHERE a > 5 AND a < 3`" in markdown
+    assert "| basic SQL | 2 | 100.0% [100.0–100.0] (n=2, 1 trivial) |" in markdown
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Trivial rows (1)</h2>" in page
+    assert "<li>id 9: empty result on every database: <code>SELECT b FROM t WHERE a &gt; 5 AND a &lt; 3</code>" in page
+    assert json.loads((tmp_path / "metrics.json").read_text())["tuned"]["by_complexity"]["basic SQL"]["n_trivial"] == 1

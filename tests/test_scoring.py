@@ -23,7 +23,7 @@ CONTEXT = (
 TIMEOUT = 0.5
 METRIC_KEYS = ["n_rows", "n_gold_failed", "n_scored", "execution_accuracy", "execution_accuracy_single_db",
                "exact_match", "normalized_match", "valid_sql_rate", "empty_rate", "runaway_rate", "n_gold_transpiled",
-               "n_context_transpiled", "n_pred_transpiled", "ci95"]
+               "n_context_transpiled", "n_pred_transpiled", "n_trivial", "ci95"]
 
 
 def row(gold: str, row_id: object = 1, **extra: str) -> dict:
@@ -180,7 +180,9 @@ HOSTILE = {
 @pytest.fixture(scope="module")
 def neighbours() -> tuple[list[dict], list[dict]]:
     rows = [row("SELECT name FROM emp WHERE dept_id = 1", 10), row("SELECT COUNT(*) FROM emp", 11)]
-    return rows, [{"id": 10, "sql": "SELECT name FROM emp WHERE dept_id = 2"}, {"id": 11, "sql": "SELECT 4"}]
+    predictions = [{"id": 10, "sql": "SELECT name FROM emp WHERE dept_id = 2"},
+                   {"id": 11, "sql": "SELECT COUNT(1) FROM emp"}]
+    return rows, predictions
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))

@@ -7,6 +7,7 @@ Two tools, both deterministic:
   "the last 6 months" gives the same answer on every machine and every day.
 - `sqlite_rewrites`: candidate SQLite texts for a statement, as written first, then through `sqlglot.transpile`
   from each source dialect plus AST fixes sqlglot leaves out: `EXTRACT(part FROM x)`, `x +/- INTERVAL n unit`,
+  weeks and quarters in `DATE_ADD`/`DATEADD` (as days and months: SQLite has neither),
   `CURRENT_DATE`/`CURRENT_TIMESTAMP`/`date('now')` pinned to the fixed now, and schema-qualified names
   (`sales.orders`) mapped to plain tables (SQLite has no schemas; `CREATE SCHEMA` is a no-op in the sandbox).
 """
@@ -261,6 +262,8 @@ def fix_for_sqlite(expression: Any, now: str) -> Any:
             return exp.Anonymous(this="STR_TO_DATE", expressions=[node.this, node.args["format"]])
         if isinstance(node, (exp.Add, exp.Sub)) and isinstance(node.expression, exp.Interval):
             return _shift(node)
+        if isinstance(node, (exp.DateAdd, exp.DateSub, exp.DatetimeAdd, exp.DatetimeSub, exp.TsOrDsAdd)):
+            return _weeks_and_quarters(node)
         return node
 
     return expression.transform(names_and_clock, copy=True).transform(functions, copy=False)
@@ -321,6 +324,28 @@ def _shift(node: Any) -> Any:
     text = f"{sign * number:+g} {unit}"
     has_time = unit in ("hour", "minute", "second") or _has_time(node.this)
     return exp.func("DATETIME" if has_time else "DATE", node.this, exp.Literal.string(text))
+
+
+def _weeks_and_quarters(node: Any) -> Any:
+    """DATE_ADD(x, INTERVAL n WEEK/QUARTER) and DATEADD(week/quarter, n, x) as 7n days / 3n months: SQLite's date
+    modifiers have no week or quarter, and sqlglot writes them as they are (`DATE(x, '1 WEEK')` is NULL)."""
+    from sqlglot import exp
+
+    holder = node.expression if isinstance(node.expression, exp.Interval) else node
+    amount_key = "this" if holder is not node else "expression"
+    unit, amount = holder.args.get("unit"), holder.args.get(amount_key)
+    factor, target = {"WEEK": (7, "DAY"), "QUARTER": (3, "MONTH")}.get(unit.name.upper() if unit else "", (0, ""))
+    sign = -1 if isinstance(amount, exp.Neg) else 1
+    literal = amount.this if isinstance(amount, exp.Neg) else amount
+    if not factor or not isinstance(literal, exp.Literal):
+        return node
+    try:
+        number = float(literal.this) * sign * factor
+    except ValueError:
+        return node
+    holder.set(amount_key, exp.Literal.number(int(number) if number.is_integer() else number))
+    holder.set("unit", exp.var(target))
+    return node
 
 
 def _has_time(value: Any) -> bool:

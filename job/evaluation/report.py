@@ -19,8 +19,9 @@ _LABELS = {
     "valid_sql_rate": "Valid SQL",
     "empty_rate": "Empty output",
     "runaway_rate": "Runaway (no stop)",
+    "n_trivial": "n_trivial (a constant could match)",
 }
-_COUNTS = ("n_rows", "n_gold_failed", "n_scored")
+_COUNTS = ("n_rows", "n_gold_failed", "n_scored", "n_trivial")
 _DEFINITIONS = (
     "Execution accuracy (test suite) counts a prediction correct only when its result matches the gold's on the "
     "row's own database and on every database of the row's distilled test suite (same schema, generated rows; "
@@ -28,7 +29,9 @@ _DEFINITIONS = (
     "constant empty answer often passes. Both are over scored rows (gold SQL runs on its own context in SQLite); "
     "every other rate is over all rows, except runaway, which is over rows with generation info. "
     "`n_gold_failed` rows (context or gold SQL fails in SQLite) are excluded from execution accuracy only. "
-    "Brackets are 95% bootstrap intervals."
+    "`n_trivial` rows are scored rows where no database could be built on which the gold's answer is one a "
+    "constant cannot match (empty, only NULL/0, no change, or the same answer everywhere): they count in "
+    "`n_scored` and are listed apart. Brackets are 95% bootstrap intervals."
 )
 _WORST_LIMIT = 10
 
@@ -53,9 +56,10 @@ def write_reports(
         summary["delta"]["paired"] = metrics_by_model["tuned"].get("vs_base")
     (eval_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     worst_label, worst = worst_examples(metrics_by_model, rows_by_model)
-    excluded = _excluded(rows_by_model)
-    (eval_dir / "report.md").write_text(_markdown(title, metrics_by_model, worst_label, worst, excluded))
-    (eval_dir / "report.html").write_text(_html(title, metrics_by_model, worst_label, worst, train_log, excluded))
+    excluded, trivial = _excluded(rows_by_model), _trivial(rows_by_model)
+    (eval_dir / "report.md").write_text(_markdown(title, metrics_by_model, worst_label, worst, excluded, trivial))
+    (eval_dir / "report.html").write_text(
+        _html(title, metrics_by_model, worst_label, worst, train_log, excluded, trivial))
 
 
 def headline_line(label: str, m: dict[str, Any]) -> str:
@@ -185,8 +189,19 @@ def _excluded(rows_by_model: dict[str, list[dict]]) -> list[dict]:
     return [r for r in records if r.get("gold_error")]
 
 
+def _trivial(rows_by_model: dict[str, list[dict]]) -> list[dict]:
+    """Scored rows a constant could match (`trivial`), the same for every model: the suite is built per row."""
+    records = next(iter(rows_by_model.values()), [])
+    return [r for r in records if r.get("trivial")]
+
+
+_TRIVIAL_NOTE = ("Scored as usual and counted in `n_scored`, but no database could be built on which the gold's "
+                 "answer is one a constant cannot match, so a hit on them says little.")
+
+
 def _markdown(
-    title: str, metrics_by_model: dict[str, dict], label: str | None, worst: list[dict], excluded: list[dict]
+    title: str, metrics_by_model: dict[str, dict], label: str | None, worst: list[dict], excluded: list[dict],
+    trivial: list[dict],
 ) -> str:
     parts = [f"# {title}\n", headline_markdown(metrics_by_model), f"{_DEFINITIONS}\n",
              f"{rewrite_statement(metrics_by_model)}\n"]
@@ -202,6 +217,9 @@ def _markdown(
         parts.append(_breakdown_markdown(metrics_by_model, name, heading))
     parts.append(f"## Rows left out ({len(excluded)})\n")
     parts.extend(f"- id {r.get('id')}: `{_md_inline(str(r.get('gold_error'))[:160])}`\n" for r in excluded)
+    parts.append(f"## Trivial rows ({len(trivial)})\n\n{_TRIVIAL_NOTE}\n")
+    parts.extend(f"- id {r.get('id')}: {_md_inline(r.get('trivial_reason'))}: `{_md_inline(r.get('gold_sql'))[:160]}`\n"
+                 for r in trivial)
     parts.append(f"## Worst examples ({label or 'none'})\n")
     if not worst:
         parts.append("No misses.\n")
@@ -227,7 +245,8 @@ def _breakdown_markdown(metrics_by_model: dict[str, dict], name: str, heading: s
         n_rows = next((s.get("n_rows") for s in stats if s), 0)
         accuracy = [s.get("execution_accuracy") for s in stats]
         cells = [
-            f"{_fmt('execution_accuracy', a)}{_ci_text(s, 'execution_accuracy')} (n={s.get('n_scored', 0)})"
+            f"{_fmt('execution_accuracy', a)}{_ci_text(s, 'execution_accuracy')} (n={s.get('n_scored', 0)}"
+            + (f", {s['n_trivial']} trivial)" if s.get("n_trivial") else ")")
             for a, s in zip(accuracy, stats, strict=True)
         ]
         if with_delta:
@@ -244,6 +263,7 @@ def _html(
     worst: list[dict],
     train_log: list[dict] | None,
     excluded: list[dict],
+    trivial: list[dict],
 ) -> str:
     esc = html.escape
     models = list(metrics_by_model)
@@ -257,6 +277,8 @@ def _html(
              rewrite_statement(metrics_by_model)] if models else []
     excluded_items = "".join(f"<li>id {esc(str(r.get('id')))}: <code>{esc(str(r.get('gold_error'))[:160])}</code></li>"
                              for r in excluded)
+    trivial_items = "".join(f"<li>id {esc(str(r.get('id')))}: {esc(str(r.get('trivial_reason')))}: "
+                            f"<code>{esc(str(r.get('gold_sql'))[:160])}</code></li>" for r in trivial)
     charts = [
         _img(_headline_chart(metrics_by_model), "Accuracies with 95% intervals"),
         _img(_bar_chart(metrics_by_model, "by_complexity", "Execution accuracy (test suite) by SQL complexity"),
@@ -285,6 +307,9 @@ img{{max-width:100%}}</style></head><body>
 {"".join(charts)}
 <h2>Rows left out ({len(excluded)})</h2>
 <ul>{excluded_items}</ul>
+<h2>Trivial rows ({len(trivial)})</h2>
+<p>{esc(_TRIVIAL_NOTE)}</p>
+<ul>{trivial_items}</ul>
 <h2>Worst examples ({esc(label or "none")})</h2>
 <table><tr><th>Question</th><th>Gold</th><th>Prediction</th><th>Error</th></tr>{worst_rows}</table>
 </body></html>

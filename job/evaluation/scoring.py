@@ -17,6 +17,13 @@ Metric definitions (every rate is a fraction in [0, 1], or None when its denomin
   compared instead (column names and order count there, row order does not).
 - `execution_accuracy` (over `n_scored`): test-suite accuracy, the single-DB match and the same match on every
   database of the row's distilled suite (`job.evaluation.suites`; none when `test_suite_size` is 0).
+- `n_trivial` (of `n_scored`): rows where a prediction that ignores the question could still match: on the row's
+  own database and every suite database, the gold's answer is empty, only NULL/0/'' or (DML) changes nothing, or
+  it is the same answer everywhere (so a query returning it as literals matches). The distiller builds databases
+  that satisfy the gold (`job.evaluation.witnesses`) to avoid this; a row is trivial only when none can be had
+  (contradictory filters, a key that rules out the grouping the gold asks for, a gold that reads no data; with
+  `test_suite_size` 0 every row is). Trivial rows are scored and counted in `n_scored` like any other; the per-row
+  records flag them (`trivial`, `trivial_reason`) and the report lists them apart.
 - `ci95`: a 95% bootstrap interval for every rate; `test_suite`: the suite's power on the gold's own neighbours.
 - `exact_match` (over `n_rows`): equal after lower-casing, collapsing whitespace and dropping trailing `;`.
 - `normalized_match` (over `n_rows`): equal after sqlglot parses both (SQLite dialect, then its default
@@ -319,7 +326,7 @@ def _score_row(row: dict, predictions: dict[str, dict | None], settings: Scoring
     try:
         gold_error, gold, gold_text, gold_transpiled = _run_gold(context, gold_sql)
         ordered = gold_error is None and gold_is_ordered(gold_text)
-        if gold_error is None and settings.test_suite_size > 0:
+        if gold_error is None:
             suite = distill(context, gold_text, gold, ordered=ordered, size=settings.test_suite_size,
                             budget=settings.suite_candidates, seed=row_seed(row.get("id"), settings.seed))
         schema = context.template.schema()
@@ -383,6 +390,8 @@ def _score_prediction(
         "n_neighbours": suite.n_neighbours,
         "neighbours_rejected_single_db": suite.rejected_single_db,
         "neighbours_rejected_suite": suite.rejected_suite,
+        "trivial": None if gold_error else suite.trivial is not None,
+        "trivial_reason": suite.trivial,
     }
 
 
@@ -440,6 +449,7 @@ def _metric_set(records: list[dict]) -> dict:
         "n_gold_transpiled": sum(bool(r.get("gold_transpiled")) for r in scored),
         "n_context_transpiled": sum(bool(r.get("context_transpiled")) for r in records),
         "n_pred_transpiled": sum(bool(r.get("pred_transpiled")) for r in records),
+        "n_trivial": sum(bool(r.get("trivial")) for r in scored),
         "ci95": {key: bootstrap_interval(values) for key, values in flags.items()},
     }
     return metrics

@@ -9,12 +9,22 @@ Candidate databases are filled from the schema (sqlglot: column types, PRIMARY K
 with the same name in several tables draw from one pool, so joins find partners) with: the context's own values,
 the gold's literals (and values its column-free operands evaluate to, e.g. "a year before now"), neighbouring
 values (+/-1, +/-1 day/month/year, case and suffix variants), a few random ones, NULLs where allowed, repeats
-(small per-database pools, so GROUP BY, DISTINCT and ties matter), and sometimes empty tables. Everything is
-seeded by the row id and `evaluation.seed`, lives in memory, and runs on hardened sandbox connections.
+(small per-database pools, so GROUP BY, DISTINCT and ties matter), and sometimes empty tables; in turn with
+witness databases (`job.evaluation.witnesses`), built to satisfy the gold's filters, joins and group sizes.
+
+A suite must also hold against predictions that ignore the question. Some database must give the gold an answer
+no constant guesses (rows with a value other than NULL, 0 or ''; for DML, a change): when the row's own database
+does not, witnesses are tried first (at most `WITNESS_TRIES`, each checked by running the gold). And some database
+must give an answer other than the own database's, else a query returning that answer as literals would pass.
+A row where either cannot be had is `Suite.trivial` (scored as usual, counted apart as `n_trivial`).
+
+Everything is seeded by the row id and `evaluation.seed`, lives in memory, and runs on hardened sandbox
+connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import random
@@ -38,6 +48,8 @@ _EXTRA = {
 }
 _NOW_OFFSETS_DAYS = (0, 1, 6, 7, 8, 29, 30, 31, 59, 61, 89, 90, 91, 92, 179, 181, 182, 183, 184, 364, 365, 366, 367,
                      730, 731, 1826)
+WITNESS_TRIES = 12
+"""Attempts at a witness database (`job.evaluation.witnesses`) per need, each checked by running the gold."""
 _ID_LIKE = re.compile(r"id$", re.I)
 ID_POOL = "<id>"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -75,6 +87,10 @@ class Suite:
     candidates: int = 0
     survivors: list[str] = field(default_factory=list)
     """Neighbours no database told apart from the gold (equivalent to it, or too subtle for the budget)."""
+    trivial: str | None = None
+    """Why a prediction that ignores the question could match the gold on every database (own and suite), e.g.
+    "empty result on every database"; None when some database gives an answer no constant guesses (`nontrivial`)
+    and some database an answer other than the own database's."""
 
     def close(self) -> None:
         for db in self.databases:
@@ -157,18 +173,18 @@ class ValuePools:
                 self.kinds.setdefault(column.name.lower(), _refine(column.kind, context.get(column.name.lower())))
         tied, free = gold_values(gold_sql, limits)
         for name, kind in self.kinds.items():
-            focus = [_coerce(v, kind) for v in tied.get(name, [])]
+            focus = [coerce(v, kind) for v in tied.get(name, [])]
             focus = [v for v in focus if v is not None]
             values = list(context.get(name, [])) + focus
-            values += [v for v in (_coerce(f, kind) for f in free) if v is not None]
-            neighbours = [n for v in focus + list(context.get(name, []))[:6] for n in _neighbours(v, kind)]
+            values += [v for v in (coerce(f, kind) for f in free) if v is not None]
+            neighbours = [n for v in focus + list(context.get(name, []))[:6] for n in neighbour_values(v, kind)]
             extra = list(_EXTRA["date" if kind in ("date", "datetime") else kind])
             if kind in ("date", "datetime"):
                 extra += _around_now(now)
-                extra += [f"{y}-{md}" for y in _years(free) for md in ("01-01", "06-15", "12-31")]
+                extra += [f"{y}-{md}" for y in years_of(free) for md in ("01-01", "06-15", "12-31")]
                 if kind == "datetime":
                     extra = [f"{d} 12:00:00" if len(str(d)) == 10 else d for d in extra]
-            self.focus[name] = _distinct(focus + [n for v in focus for n in _neighbours(v, kind)])
+            self.focus[name] = _distinct(focus + [n for v in focus for n in neighbour_values(v, kind)])
             self.pools[name] = _distinct(values + neighbours + extra)
         # Integer id-like columns (id, dept_id, DeptID) share one pool, so joins across differently named keys match.
         id_like = sorted(n for n, k in self.kinds.items() if k == "int" and _ID_LIKE.search(n))
@@ -260,7 +276,7 @@ def _refine(kind: str, values: list[Any] | None) -> str:
     return kind
 
 
-def _coerce(value: Any, kind: str) -> Any:
+def coerce(value: Any, kind: str) -> Any:
     if value is None:
         return None
     if kind in ("int", "bool"):
@@ -275,7 +291,8 @@ def _coerce(value: Any, kind: str) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _neighbours(value: Any, kind: str) -> list[Any]:
+def neighbour_values(value: Any, kind: str) -> list[Any]:
+    """Values just around `value` (+/-1, +/-1 day/month/year, case and suffix variants), for boundaries."""
     if value is None:
         return []
     if kind in ("int", "bool") and isinstance(value, (int, float)):
@@ -309,14 +326,22 @@ def _around_now(now: str) -> list[str]:
     ]
 
 
-def _years(values: list[Any]) -> list[int]:
-    return sorted({v for v in values if isinstance(v, int) and 1900 <= v <= 2100})
+def years_of(values: list[Any]) -> list[int]:
+    """Years a query names: integers 1900-2100 and four-digit strings (`strftime('%Y', d) = '2021'`)."""
+    found = {v for v in values if isinstance(v, int) and not isinstance(v, bool) and 1900 <= v <= 2100}
+    found |= {int(v) for v in values if isinstance(v, str) and re.fullmatch(r"(19|20)\d\d|2100", v)}
+    return sorted(found)
+
+
+def value_key(value: Any) -> tuple[str, Any]:
+    """A hashable identity that keeps 1, 1.0, True and '1' apart."""
+    return type(value).__name__, value
 
 
 def _distinct(values: list[Any]) -> list[Any]:
     seen, out = set(), []
     for value in values:
-        key = (type(value).__name__, value)
+        key = value_key(value)
         if key not in seen:
             seen.add(key)
             out.append(value)
@@ -332,8 +357,6 @@ def random_database(
         subpools: dict[str, list[Any]] = {}
         focus_bias = rng.choice(_FOCUS_BIAS)
         for table in tables:
-            name = quote_identifier(table.name)
-            db.conn.execute(f"DELETE FROM {name}")
             count = rng.choice(_ROW_COUNTS)
             nulls = {c.name: rng.choice((0.0, 0.0, 0.25)) for c in table.columns if not c.not_null}
             rows = []
@@ -354,23 +377,97 @@ def random_database(
                 rows.append(tuple(row))
             if rows and rng.random() < 0.5:
                 rows += rng.choices(rows, k=rng.choice((1, 2)))  # duplicate rows, so DISTINCT matters
-            columns = ", ".join(quote_identifier(c.name) for c in table.columns)
-            marks = ", ".join("?" for _ in table.columns)
-            try:
-                db.conn.executemany(f"INSERT OR IGNORE INTO {name} ({columns}) VALUES ({marks})", rows)
-            except (sqlite3.Error, OverflowError):
-                continue  # e.g. a generated column: leave the table empty
+            fill_table(db, table, rows)
     except BaseException:
         db.close()
         raise
     return db
 
 
-def _nontrivial(result: QueryResult, before: dict | None) -> bool:
+def fill_table(db: SandboxDB, table: TableSpec, rows: list[tuple]) -> None:
+    """Replace `table`'s rows with `rows`, skipping those a constraint rejects."""
+    name = quote_identifier(table.name)
+    db.conn.execute(f"DELETE FROM {name}")
+    columns = ", ".join(quote_identifier(c.name) for c in table.columns)
+    marks = ", ".join("?" for _ in table.columns)
+    # on an error (e.g. a generated column) the table keeps what it took before it
+    with contextlib.suppress(sqlite3.Error, OverflowError):
+        db.conn.executemany(f"INSERT OR IGNORE INTO {name} ({columns}) VALUES ({marks})", rows)
+
+
+def nontrivial(result: QueryResult, before: dict | None) -> bool:
     """A result that a constant cannot guess: some row with a value other than NULL, 0 or ''; for DML, a change."""
     if result.rows is not None:
         return any(v not in (None, 0, "") for row in result.rows for v in row)
     return result.tables != before
+
+
+def trivial_reason(results: list[QueryResult], *, all_trivial: bool = True) -> str:
+    """Why a constant could match the gold, given its `results` on every database, in words: they are all trivial
+    (`nontrivial` is False for each), or else all the same."""
+    if not all_trivial and all(r.rows is None for r in results):
+        return "the same tables afterwards on every database (a fixed statement matches)"
+    if not all_trivial:
+        return "the same answer on every database (a query that returns it as literals matches)"
+    if all(r.rows is None for r in results):
+        return "DML that changes nothing on any database"
+    if all(r.rows == [] for r in results):
+        return "empty result on every database"
+    if all(r.rows for r in results):
+        return "only NULL, 0 or '' on every database"
+    return "empty, or only NULL, 0 or '', on every database"
+
+
+@dataclass
+class _Distiller:
+    """One row's suite being built: what is still needed, and how a candidate database is judged."""
+
+    context: ContextDB
+    gold_sql: str
+    gold: QueryResult
+    ordered: bool
+    read_only: bool
+    suite: Suite
+    alive: list[str]
+    need_nontrivial: bool
+    """No database yet gives the gold an answer a constant cannot guess (`nontrivial`)."""
+    need_varied: bool
+    """The gold's answer is the same on every database so far (a query returning it as literals would pass)."""
+    timed_out: bool = False
+    """The gold ran out of time on a candidate (then no more witnesses, which can be large, are tried)."""
+
+    def run(self, db: SandboxDB, sql: str) -> QueryResult:
+        return db.run_query(sql) if self.read_only else run_on_copy(db, sql)
+
+    def consider(self, db: SandboxDB, *, for_needs_only: bool = False) -> bool:
+        """Keep `db` (True) when it rejects a neighbour still alive or meets a need; else close it."""
+        from job.evaluation.scoring import results_match
+
+        self.suite.candidates += 1
+        before = db.snapshot() if not self.read_only else None
+        gold_k = self.run(db, self.gold_sql)
+        self.timed_out = self.timed_out or (gold_k.error or "").startswith("timeout")
+        found = gold_k.ok and nontrivial(gold_k, before)
+        varied = gold_k.ok and not results_match(self.gold, gold_k, ordered=self.ordered)
+        meets = (self.need_nontrivial and found) or (self.need_varied and varied)
+        if not gold_k.ok or (for_needs_only and not meets):
+            db.close()
+            return False
+        killed = [text for text in self.alive
+                  if not ((result := self.run(db, text)).ok and results_match(gold_k, result, ordered=self.ordered))]
+        if not (killed or meets):
+            db.close()
+            return False
+        self.suite.databases.append(db)
+        self.suite.gold.append(gold_k)
+        self.alive = [text for text in self.alive if text not in killed]
+        self.need_nontrivial = self.need_nontrivial and not found
+        self.need_varied = self.need_varied and not varied
+        return True
+
+    @property
+    def needs(self) -> bool:
+        return self.need_nontrivial or self.need_varied
 
 
 def distill(
@@ -383,58 +480,90 @@ def distill(
     budget: int,
     seed: int,
     max_neighbours: int = 40,
+    witness_tries: int = WITNESS_TRIES,
 ) -> Suite:
     """The row's suite: candidate databases that reject a still-accepted neighbour of `gold_sql` (see module doc).
 
-    Also keeps one database where the gold's answer is non-trivial when the row's own database gives an empty,
-    NULL or 0 answer, so a constant cannot pass on it.
+    The suite also gets a database where the gold's answer is non-trivial (rows, and a value other than NULL, 0
+    or ''; for DML, a change) when the row's own database gives a trivial one, and one where its answer differs
+    from the own database's: a witness database built to satisfy the gold (`job.evaluation.witnesses`, at most
+    `witness_tries` attempts), else a random one. When no database can be found for either, `Suite.trivial`
+    says why a constant (or a query returning the answer as literals) could pass.
     """
     from job.evaluation.mutations import neighbours as make_neighbours
     from job.evaluation.scoring import results_match
 
-    suite = Suite()
-    if size <= 0:
-        return suite
-    limits = context.template.limits
     read_only = _is_query(gold_sql)
-    alive = []
     before = context.template.snapshot() if not read_only else None
-    with context.fresh() as own:
-        for _, text in make_neighbours(gold_sql, limit=max_neighbours, seed=seed):
-            result = own.run_query(text) if read_only else run_on_copy(context.template, text)
-            if not result.ok:
-                continue
-            suite.n_neighbours += 1
-            if results_match(gold, result, ordered=ordered):
-                alive.append(text)
-    suite.rejected_single_db = suite.n_neighbours - len(alive)
-    rng = random.Random(seed)
-    tables = parse_schema(context.template)
-    if not tables:
-        return suite
-    pools = ValuePools(tables, context.template.snapshot(), gold_sql, limits.fixed_now, limits)
-    need_nontrivial = not _nontrivial(gold, before)
-    while suite.candidates < budget and len(suite.databases) < size and (alive or need_nontrivial):
-        suite.candidates += 1
-        db = random_database(context, tables, pools, rng)
-        before_k = db.snapshot() if not read_only else None
-        gold_k = db.run_query(gold_sql) if read_only else run_on_copy(db, gold_sql)
-        killed = []
-        for text in alive if gold_k.ok else []:
-            result = db.run_query(text) if read_only else run_on_copy(db, text)
-            if not (result.ok and results_match(gold_k, result, ordered=ordered)):
-                killed.append(text)
-        nontrivial = gold_k.ok and _nontrivial(gold_k, before_k)
-        if not (killed or (need_nontrivial and nontrivial)):
-            db.close()
-        else:
-            suite.databases.append(db)
-            suite.gold.append(gold_k)
-            alive = [text for text in alive if text not in killed]
-            need_nontrivial = need_nontrivial and not nontrivial
-    suite.rejected_suite = suite.n_neighbours - len(alive)
-    suite.survivors = alive
+    suite = Suite()
+    work = _Distiller(context, gold_sql, gold, ordered, read_only, suite, [],
+                      need_nontrivial=not nontrivial(gold, before), need_varied=True)
+    if size > 0:
+        with context.fresh() as own:
+            for _, text in make_neighbours(gold_sql, limit=max_neighbours, seed=seed):
+                result = own.run_query(text) if read_only else run_on_copy(context.template, text)
+                if not result.ok:
+                    continue
+                suite.n_neighbours += 1
+                if results_match(gold, result, ordered=ordered):
+                    work.alive.append(text)
+            suite.rejected_single_db = suite.n_neighbours - len(work.alive)
+            constants = [text for text in (schema_constants(context.template) if read_only else [])
+                         if text not in work.alive and results_match(gold, own.run_query(text), ordered=ordered)]
+            work.alive += constants
+        tables = parse_schema(context.template)
+        if tables:
+            _fill_suite(work, tables, size=size, budget=budget, seed=seed, witness_tries=witness_tries)
+        suite.survivors = [text for text in work.alive if text not in constants]
+        suite.rejected_suite = suite.n_neighbours - len(suite.survivors)
+    if work.needs:
+        suite.trivial = trivial_reason([gold, *suite.gold], all_trivial=work.need_nontrivial)
     return suite
+
+
+def schema_constants(db: SandboxDB) -> list[str]:
+    """Queries that read the schema but not the question: every row, and the row count, of each table and view.
+
+    The suite rejects them like the gold's neighbours (not counted in its power): a filter hidden in a view, or a
+    gold that counts a whole table on every database but its own, would otherwise let them pass."""
+    names = db.conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' ORDER BY name"
+    ).fetchall()
+    return [f"SELECT {what} FROM {quote_identifier(name)}" for (name,) in names for what in ("*", "COUNT(*)")]
+
+
+def _fill_suite(work: _Distiller, tables: list[TableSpec], *, size: int, budget: int, seed: int,
+                witness_tries: int) -> None:
+    """Witnesses for the needs first when the own database's answer is trivial; then `budget` candidates, random
+    and witness variants in turn (stopping one short of `size` while a need is open and no witness was tried for
+    it); then witnesses for a need still open."""
+    from job.evaluation.witnesses import read_plan, witness_database
+
+    context, limits = work.context, work.context.template.limits
+    rng, witness_rng = random.Random(seed), random.Random(seed ^ 0x5EED)
+    pools = ValuePools(tables, context.template.snapshot(), work.gold_sql, limits.fixed_now, limits)
+    plan = read_plan(work.gold_sql, context.template, tables, pools)
+    tried_for_needs = False
+
+    def witnesses_for_needs() -> None:
+        for attempt in range(witness_tries):
+            if not work.needs or len(work.suite.databases) >= size or work.timed_out:
+                return
+            work.consider(witness_database(context, tables, pools, plan, witness_rng, plain=attempt == 0),
+                          for_needs_only=True)
+
+    if work.need_nontrivial:
+        witnesses_for_needs()
+        tried_for_needs = True
+    end = work.suite.candidates + budget
+    while work.suite.candidates < end and (work.alive or work.needs) \
+            and len(work.suite.databases) < size - (1 if work.needs and not tried_for_needs else 0):
+        if (end - work.suite.candidates) % 2 and not work.timed_out:
+            work.consider(witness_database(context, tables, pools, plan, witness_rng, plain=False))
+        else:
+            work.consider(random_database(context, tables, pools, rng))
+    if work.needs and not tried_for_needs:
+        witnesses_for_needs()
 
 
 def run_on_copy(template: SandboxDB, sql: str) -> QueryResult:
