@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,10 +162,64 @@ def test_every_job_keeps_the_exit_code_semantics_and_schedules_on_gpu_nodes():
         assert pod["nodeSelector"], name
         container = pod["containers"][0]
         gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-        command = container.get("command", [])
-        if gpus > 1:  # torchrun through the launcher that keeps exit codes 2/3/75
-            assert command[:3] == ["python", "-m", "job.platforms.launch"], name
-            assert f"--nproc-per-node={gpus}" in command, name
+        assert "command" not in container, f"{name}: command would replace the image's tini + entrypoint"
+        if gpus > 1:  # torchrun through the launcher that keeps exit codes 2/3/75, via the image's entrypoint
+            assert container["args"][0] == "launch", name
+            assert f"--nproc-per-node={gpus}" in container["args"], name
+            assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(container["args"]) + 30, name
+
+
+def _shutdown_timeout(args: list[str]) -> int:
+    """torchrun's `--shutdown-timeout=N` in a launcher's arguments, else the launcher's default."""
+    from job.platforms.launch import SHUTDOWN_TIMEOUT_S
+
+    given = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--shutdown-timeout=")]
+    return given[0] if given else SHUTDOWN_TIMEOUT_S
+
+
+def _image_entrypoint() -> list[str]:
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    return json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE).group(1))
+
+
+def test_multi_gpu_pods_keep_the_image_entrypoint():
+    pods = [_by_kind(_render(overlay), "Job")[0]["spec"]["template"]["spec"] for overlay in ("multi-gpu", "multi-node")]
+    pytorchjob = yaml.safe_load((K8S / "operators" / "pytorchjob.yaml").read_text())
+    pods += [spec["template"]["spec"] for spec in pytorchjob["spec"]["pytorchReplicaSpecs"].values()]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert "command" not in container and container["args"][0] == "launch"
+        assert container["args"][container["args"].index("-m") + 1:][:2] == ["job", "run"]
+        assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(container["args"]) + 30
+    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
+    assert 'exec python -m job.platforms.launch "$@"' in entrypoint
+
+
+def test_trainjob_patches_the_runtime_pods_so_they_can_checkpoint():
+    doc = yaml.safe_load((K8S / "operators" / "trainjob.yaml").read_text())
+    trainer = doc["spec"]["trainer"]
+    # the runtime's container has its own command: the TrainJob sets the image's entrypoint back
+    assert trainer["command"] == _image_entrypoint() and trainer["args"][0] == "launch"
+    (patch,) = doc["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == "node"  # the torch-distributed runtime's replicated job and container
+    pod = job["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(trainer["args"]) + 30
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1001
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (container,) = pod["containers"]
+    assert container["name"] == "node" and container["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/cache"]]
+    # closed schema: a misspelled field deep inside the patch is rejected
+    bad = copy.deepcopy(doc)
+    bad_pod = bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    bad_pod["template"]["spec"]["template"]["spec"]["terminationGracePeriod"] = 180
+    with pytest.raises(jsonschema.ValidationError, match="terminationGracePeriod"):
+        jsonschema.validate(bad, _custom_schema(bad))
 
 
 def test_single_gpu_job_reads_optional_secrets_and_params_with_envfrom():
@@ -194,7 +249,7 @@ def test_multi_node_indexed_job_rendezvous_on_pod_zero():
     assert pod["subdomain"] == service["metadata"]["name"] == name
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
-    command = pod["containers"][0]["command"]
+    command = pod["containers"][0]["args"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert "--rdzv-backend=c10d" in command
     # pod 0's DNS name: <job>-0.<service>, with the run id (= the Job's name) expanded by the kubelet

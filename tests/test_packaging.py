@@ -70,6 +70,60 @@ def test_dockerfile_contract():
     assert "tini=" in runs and "flash_attn-*.whl" in runs and "import job.platforms.sagemaker, flash_attn" in runs
 
 
+GLIBC = {
+    "debian:bookworm": (2, 36), "debian:bookworm-slim": (2, 36), "debian:bullseye-slim": (2, 31),
+    "debian:trixie-slim": (2, 41), "ubuntu20.04": (2, 31), "ubuntu22.04": (2, 35), "ubuntu24.04": (2, 39),
+}
+"""glibc of known base images: Debian by codename (bookworm 2.36), nvidia/cuda by its -ubuntuXX.XX suffix."""
+CU130 = {"TORCH_CUDA": "cu130", "CUDA_DEVEL": "13.0.2-devel-ubuntu22.04"}
+"""The documented CUDA 13 build (Dockerfile comment, infra/README.md)."""
+
+
+def _stage_bases(text: str, build_args: dict[str, str] | None = None) -> dict[str, str]:
+    """Stage name -> base image of each FROM, with ARG defaults (global ARGs before the first FROM) and
+    `build_args` substituted."""
+    values: dict[str, str] = {}
+    stages: dict[str, str] = {}
+    for name, args in _instructions(text):
+        if name == "ARG" and not stages:
+            key, _, default = args.partition("=")
+            values[key] = default
+        elif name == "FROM":
+            image, _, stage = args.partition(" AS ")
+            stages[stage.strip()] = re.sub(r"\$\{(\w+)\}", lambda m: {**values, **(build_args or {})}[m.group(1)],
+                                           image.strip())
+    return stages
+
+
+def glibc_of(image: str) -> tuple[int, int]:
+    """The glibc version of base image `image` (`name:tag[@sha256:...]`), from GLIBC; unknown bases fail."""
+    name = image.split("@", 1)[0]
+    if name in GLIBC:
+        return GLIBC[name]
+    if name.startswith("nvidia/cuda:") and (distro := name.rsplit("-", 1)[-1]) in GLIBC:
+        return GLIBC[distro]
+    raise AssertionError(f"{image}: glibc unknown; add the base image to GLIBC in tests/test_packaging.py")
+
+
+@pytest.mark.parametrize("build_args", [{}, CU130], ids=["cu126", "cu130"])
+def test_flash_attn_is_built_on_a_glibc_the_runtime_has(build_args: dict[str, str]):
+    stages = _stage_bases(DOCKERFILE.read_text(), build_args)
+    build, runtime = stages["flash-attn"], stages["runtime"]
+    assert glibc_of(build) <= glibc_of(runtime), f"{build} has a newer glibc than {runtime}"
+    for base in (build, runtime):  # pinned by digest (the cu130 variant's CUDA_DEVEL is a documented tag)
+        assert re.search(r"@sha256:[0-9a-f]{64}$", base) or base.endswith(CU130["CUDA_DEVEL"]), base
+    documented = f"--build-arg TORCH_CUDA=cu130 --build-arg CUDA_DEVEL={CU130['CUDA_DEVEL']}"
+    assert documented in DOCKERFILE.read_text() and documented in (REPO / "infra" / "README.md").read_text()
+
+
+def test_the_glibc_check_rejects_a_newer_build_base_and_unknown_bases():
+    stages = _stage_bases(DOCKERFILE.read_text(), {"CUDA_DEVEL": "12.6.3-devel-ubuntu24.04"})  # the old default
+    assert glibc_of(stages["flash-attn"]) > glibc_of(stages["runtime"])
+    with pytest.raises(AssertionError, match="glibc unknown"):
+        glibc_of("alpine:3.20")
+    assert glibc_of(f"debian:bookworm-slim@sha256:{'0' * 64}") == (2, 36)
+
+
 def test_image_env_reaches_the_job_settings():
     """What the Dockerfile sets is what the job reads: its cache root, and the attention implementation that
     makes `packing: auto` pack padding-free."""
@@ -139,6 +193,9 @@ def fake_bin(tmp_path: Path) -> Path:
         (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
          "finetune run --config gemma-2b-it-qlora --resume auto"),
         (["presets"], "finetune presets"),
+        (["launch", "--nproc-per-node=4", "-m", "job", "run"],
+         "python -m job.platforms.launch --nproc-per-node=4 -m job run"),
+        (["run", "launch"], "finetune run launch"),
         (["evaluate", "train"], "finetune evaluate train"),
     ],
 )
