@@ -264,8 +264,12 @@ def test_make_targets_use_version_tag_and_settings():
     version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     assert f"registry.example.com/finetune-job:{version}" in _make("-n", "image").stdout
     assert "docker push ghcr.io/me/finetune-job:dev" in _make("-n", "push", "REGISTRY=ghcr.io/me", "TAG=dev").stdout
-    run_local = _make("-n", "run-local", "ENV_FILE=my.env").stdout
-    assert "--gpus all" in run_local and "--env-file my.env" in run_local and "finetune-cache:/cache" in run_local
+    run_local = _make("-n", "run-local", f"ENV_FILE={ENTRYPOINT}").stdout  # any file that exists
+    assert "--gpus all" in run_local and f"--env-file {ENTRYPOINT}" in run_local
+    assert "finetune-cache:/cache" in run_local
+    assert "--init" not in run_local, "tini is the image's PID 1"
+    missing = _make("-n", "run-local", "ENV_FILE=no-such.env")
+    assert missing.returncode != 0 and "ENV_FILE=no-such.env does not exist" in missing.stderr
     assert "--dry-run" in _make("-n", "sagemaker-submit", "DRY_RUN=1").stdout
     assert "--dry-run" not in _make("-n", "sagemaker-submit").stdout
     assert 'artifacts pull "s3://b/r/1"' in _make("-n", "pull", "RUN=s3://b/r/1").stdout
@@ -273,6 +277,49 @@ def test_make_targets_use_version_tag_and_settings():
     install = _make("-n", "-B", "install", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126").stdout
     assert '--index-url "https://download.pytorch.org/whl/cu126" "torch==' in install
     assert "--require-hashes -r requirements/dev.txt" in install
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A `docker` first on PATH that records its arguments (one per line) and does nothing else."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "docker-args"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / "docker").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, record
+
+
+def test_run_local_works_out_of_the_box_as_the_owner_of_the_output_folder(tmp_path: Path, fake_docker):
+    env, record = fake_docker
+    project = tmp_path / "checkout"  # a checkout without .env (none ships) and without runs/
+    project.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, project / name)
+
+    def run_local(*args: str) -> list[str]:
+        result = subprocess.run(["make", "--no-print-directory", "-C", str(project), "run-local", *args],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        return record.read_text().splitlines()
+
+    argv = run_local()
+    runs = project / "runs"
+    assert runs.is_dir() and runs.stat().st_uid == os.getuid(), "created by make, so owned by the user"
+    assert argv[argv.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    assert "--env-file" not in argv and "--init" not in argv
+    assert f"{runs}:/workspace/runs" in argv and argv[argv.index("--stop-timeout") + 1] == "180"
+    assert argv[-3:] == ["run", "--config", "gemma-2b-it-qlora"]
+
+    (project / ".env").write_text("HF_TOKEN=hf_x\n")
+    argv = run_local()
+    assert argv[argv.index("--env-file") + 1] == ".env"
+
+    if os.getuid() == 0:  # an output folder someone else owns: the container runs as that owner
+        other = tmp_path / "theirs"
+        other.mkdir()
+        os.chown(other, 4321, 4322)
+        argv = run_local(f"RUNS_DIR={other}")
+        assert argv[argv.index("--user") + 1] == "4321:4322" and f"{other}:/workspace/runs" in argv
 
 
 def _locked(path: Path) -> dict[str, str]:
