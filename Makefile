@@ -93,15 +93,16 @@ run-local: ## docker run --gpus all IMAGE_REF ARGS as RUNS_DIR's owner, with ENV
 k8s-render: ## Print the OVERLAY (single-gpu, multi-gpu, multi-node) with IMAGE_REF, BUCKET, RUN_ID filled in
 	@$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID)
 
-k8s-submit: ## Render OVERLAY and kubectl apply it in NAMESPACE
-	$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID) \
-	  | kubectl apply -n $(NAMESPACE) -f -
+k8s-submit: ## Render OVERLAY and apply it in NAMESPACE; a failed Job of RUN_ID is replaced (it resumes)
+	$(BIN)/python infra/k8s/submit.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID) \
+	  --namespace $(NAMESPACE)
 
 k8s-logs: ## Follow the logs of job RUN_ID (all pods; the job's stderr)
 	kubectl logs -n $(NAMESPACE) -f --all-containers --prefix -l batch.kubernetes.io/job-name=$(RUN_ID)
 
-k8s-delete: ## Delete what k8s-submit created for RUN_ID (the bucket keeps the results)
-	kubectl delete -n $(NAMESPACE) --ignore-not-found job/$(RUN_ID) service/$(RUN_ID)
+k8s-delete: ## Delete what k8s-submit created for RUN_ID: Job, pods, Service, ConfigMap (the bucket keeps the results)
+	kubectl delete -n $(NAMESPACE) --ignore-not-found --cascade=foreground job/$(RUN_ID) service/$(RUN_ID)
+	kubectl delete -n $(NAMESPACE) --ignore-not-found configmap -l app.kubernetes.io/instance=$(RUN_ID)
 
 sagemaker-submit: ## SageMaker training job with IMAGE_REF-sagemaker, ROLE, SM_ARGS; DRY_RUN=1 prints the request
 	$(BIN)/python infra/sagemaker/submit.py --image $(IMAGE_REF)-sagemaker --role "$(ROLE)" \

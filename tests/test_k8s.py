@@ -276,6 +276,73 @@ def test_render_sets_image_bucket_and_run_id(tmp_path: Path):
     assert config_map["data"]["FINETUNE_OUTPUT_URI"] == "s3://acme-ml/finetune/runs"
     for doc in docs:
         _validate_core(doc, "latest")
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "exp-7"  # what submit/delete select
+    assert pod["containers"][0]["envFrom"][0]["configMapRef"]["name"] == config_map["metadata"]["name"]
+
+
+@pytest.fixture
+def fake_kubectl(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """`kubectl` first on PATH: `kustomize` runs the real one; `get job` prints `job.json` (if any); every other
+    call is recorded in `calls` (stdin of `apply` in `applied.yaml`)."""
+    real = _kubectl()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = kustomize ]; then exec {real} "$@"; fi\n'
+        f'echo "$*" >> {tmp_path}/calls\n'
+        f'if [ "$1" = get ]; then cat {tmp_path}/job.json 2>/dev/null; exit 0; fi\n'
+        f'if [ "$1" = apply ]; then cat > {tmp_path}/applied.yaml; echo "job.batch/exp-7 created"; fi\n'
+    )
+    (bin_dir / "kubectl").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, tmp_path
+
+
+def _submit(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(K8S / "submit.py"), "multi-node", "--image", "ghcr.io/acme/finetune-job:1.2.3",
+         "--bucket", "acme-ml", "--run-id", "exp-7", "--namespace", "ml"],
+        capture_output=True, text=True, timeout=60, env=env)
+
+
+def _job_status(*conditions: str) -> str:
+    return json.dumps({"kind": "Job", "metadata": {"name": "exp-7"},
+                       "status": {"conditions": [{"type": c, "status": "True"} for c in conditions]}})
+
+
+def test_submit_applies_a_new_run_id(fake_kubectl):
+    env, here = fake_kubectl
+    result = _submit(env)
+    assert result.returncode == 0, result.stderr
+    calls = (here / "calls").read_text().splitlines()
+    assert calls == ["get job exp-7 -n ml -o json --ignore-not-found", "apply -n ml -f -"]
+    applied = [doc for doc in yaml.safe_load_all((here / "applied.yaml").read_text()) if doc]
+    assert {doc["kind"] for doc in applied} == {"Job", "Service", "ConfigMap"}
+
+
+def test_submit_replaces_a_failed_job_so_that_it_resumes(fake_kubectl):
+    env, here = fake_kubectl
+    (here / "job.json").write_text(_job_status("FailureTarget", "Failed"))
+    result = _submit(env)
+    assert result.returncode == 0, result.stderr
+    assert "deleting it (pods, Service, ConfigMap), then submitting it again" in result.stderr
+    assert (here / "calls").read_text().splitlines() == [
+        "get job exp-7 -n ml -o json --ignore-not-found",
+        "delete -n ml --ignore-not-found --cascade=foreground --wait job/exp-7 service/exp-7",
+        "delete -n ml --ignore-not-found --wait configmap -l app.kubernetes.io/instance=exp-7",
+        "apply -n ml -f -",
+    ]
+
+
+@pytest.mark.parametrize(("conditions", "message"), [
+    ((), "is still running"), (("SuccessCriteriaMet", "Complete"), "completed and its run is published"),
+])
+def test_submit_leaves_a_running_or_complete_job_alone(fake_kubectl, conditions, message):
+    env, here = fake_kubectl
+    (here / "job.json").write_text(_job_status(*conditions))
+    result = _submit(env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert (here / "calls").read_text().splitlines() == ["get job exp-7 -n ml -o json --ignore-not-found"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -273,7 +273,10 @@ def test_make_targets_use_version_tag_and_settings():
     assert "--dry-run" in _make("-n", "sagemaker-submit", "DRY_RUN=1").stdout
     assert "--dry-run" not in _make("-n", "sagemaker-submit").stdout
     assert 'artifacts pull "s3://b/r/1"' in _make("-n", "pull", "RUN=s3://b/r/1").stdout
-    assert "kubectl apply" in _make("-n", "k8s-submit", "OVERLAY=multi-node").stdout
+    submit = _make("-n", "k8s-submit", "OVERLAY=multi-node", "NAMESPACE=ml").stdout
+    assert "infra/k8s/submit.py multi-node" in submit and "--namespace ml" in submit
+    delete = _make("-n", "k8s-delete", "RUN_ID=exp-7").stdout
+    assert "job/exp-7 service/exp-7" in delete and "configmap -l app.kubernetes.io/instance=exp-7" in delete
     install = _make("-n", "-B", "install", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126").stdout
     assert '--index-url "https://download.pytorch.org/whl/cu126" "torch==' in install
     assert "--require-hashes -r requirements/dev.txt" in install
