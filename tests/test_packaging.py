@@ -448,6 +448,8 @@ FAKE_CLI = """\
 import json, os, signal, sys, time
 from pathlib import Path
 Path(os.environ["FAKE_ARGS"]).write_text(json.dumps(sys.argv[1:]))
+if os.environ.get("FAKE_TOKEN_SEEN"):
+    Path(os.environ["FAKE_TOKEN_SEEN"]).write_text(os.environ.get("HF_TOKEN", ""))
 sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and a.startswith(("output.", "training.")))
 if os.environ.get("FAKE_EXIT") == "0":  # a finished run, published in place as the pipeline does
     from job.storage.publish import build_manifest, publish_run
@@ -544,6 +546,39 @@ def test_main_forwards_sigterm_and_returns_75(tmp_path: Path, fake_cli, monkeypa
     )
 
 
+@pytest.mark.parametrize("stored", ["plain", "json"])
+def test_main_reads_hf_token_from_secrets_manager(tmp_path: Path, fake_cli, monkeypatch, s3_env, stored: str):
+    import boto3
+
+    command, _ = fake_cli
+    token = "hf_" + "Zx9Q" * 8
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    value = token if stored == "plain" else json.dumps({"HF_TOKEN": token})
+    arn = secrets.create_secret(Name=f"finetune/hf-token-{stored}-{tmp_path.name}", SecretString=value)["ARN"]
+    seen = tmp_path / "token-seen"
+    monkeypatch.setenv("FAKE_TOKEN_SEEN", str(seen))
+    monkeypatch.setenv("FAKE_EXIT", "3")  # the fake CLI prints its token in an error line
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    root = _sm_root(tmp_path, {})
+    environ = {**os.environ, "FINETUNE_HF_TOKEN_SECRET": arn}
+    assert sagemaker.main(root=root, environ=environ, command=command) == 3
+    assert seen.read_text() == token  # the CLI got the secret's value as HF_TOKEN
+    failure = (root / "output" / "failure").read_text()
+    assert token not in failure and "***" in failure
+
+
+def test_main_fails_with_exit_3_naming_a_secret_it_cannot_read(tmp_path: Path, fake_cli, s3_env):
+    command, args_file = fake_cli
+    root = _sm_root(tmp_path, {})
+    missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:finetune/none-XyZ123"
+    environ = {**os.environ, "FINETUNE_HF_TOKEN_SECRET": missing}
+    environ.pop("HF_TOKEN", None)
+    assert sagemaker.main(root=root, environ=environ, command=command) == 3
+    failure = (root / "output" / "failure").read_text()
+    assert failure.startswith(f"exit 3: FINETUNE_HF_TOKEN_SECRET={missing}: cannot read the secret")
+    assert "ResourceNotFoundException" in failure and not args_file.exists(), "nothing runs without its token"
+
+
 def test_failure_reason_falls_back_to_last_line_and_redacts_env_secrets():
     environ = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "PATH": "/usr/bin"}
     tail = b"loading\nS3 said no for wJalrXUtnFEMI/K7MDENG at https://user:pw@minio:9000/b\n"
@@ -577,14 +612,25 @@ def _create_training_job_errors(request: dict) -> str:
     return report.generate_report() if report.has_errors() else ""
 
 
+SECRET_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:finetune/hf-token-AbCdEf"
+
+
 def test_sagemaker_request_validates_against_botocore_service_model(tmp_path: Path):
     submit = _submit_module()
     request = submit.build_request(
         image="123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-job:0.1.0-sagemaker", role=ROLE,
         bucket="my-bucket", job_name="finetune-20261202-063300", hyperparameters={"training.max_steps": 500},
-        instance_count=2, train_data="s3://my-bucket/data/", environment={"HF_TOKEN": "hf_x"},
+        instance_count=2, train_data="s3://my-bucket/data/", hf_token_secret=SECRET_ARN,
     )
     assert _create_training_job_errors(request) == ""
+    assert request["Environment"] == {"FINETUNE_HF_TOKEN_SECRET": SECRET_ARN}  # a reference, not the token
+    assert request["RetryStrategy"] == {"MaximumRetryAttempts": 2}
+    assert "RetryStrategy" not in submit.build_request(image="i", role=ROLE, bucket="b", job_name="j", max_retries=0)
+    assert "RetryStrategy.MaximumRetryAttempts" in _create_training_job_errors(
+        {**request, "RetryStrategy": {"MaximumRetryAttempts": "2"}})  # the validator checks this shape
+    for bad in ({"hf_token_secret": "hf-token"}, {"max_retries": 31}):
+        with pytest.raises(ValueError):
+            submit.build_request(image="i", role=ROLE, bucket="b", job_name="j", **bad)
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
     assert request["CheckpointConfig"] == {"S3Uri": "s3://my-bucket/finetune/checkpoints/finetune-20261202-063300",
@@ -611,9 +657,19 @@ def test_sagemaker_submit_dry_run_prints_the_request_without_sending(tmp_path: P
     assert request["ResourceConfig"]["InstanceCount"] == 2
     assert request["HyperParameters"]["training.max_steps"] == "50"
     assert request["Environment"] == {"HF_TOKEN": "***"} and "s3cr3t" not in result.stdout
+    assert "DescribeTrainingJob shows" in result.stderr and "--hf-token-secret" in result.stderr
     assert request["AlgorithmSpecification"]["TrainingImage"].endswith("finetune-job:0.1.0-sagemaker")
     request["Environment"]["HF_TOKEN"] = "hf_x"
     assert _create_training_job_errors(request) == ""
+
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "sagemaker-submit", "DRY_RUN=1",
+                             f"ROLE={ROLE}", f"SM_ARGS=--hf-token-secret {SECRET_ARN}",
+                             f"BIN={Path(sys.executable).parent}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    request = json.loads(result.stdout[result.stdout.index("{"):])
+    assert request["Environment"] == {"FINETUNE_HF_TOKEN_SECRET": SECRET_ARN} and "s3cr3t" not in result.stdout
+    assert "warning" not in result.stderr
 
 
 def test_sagemaker_submit_rejects_a_bad_role_with_exit_2():
