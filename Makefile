@@ -18,6 +18,9 @@ IMAGE     ?= finetune-job
 IMAGE_REF := $(if $(REGISTRY),$(REGISTRY)/,)$(IMAGE):$(TAG)
 ENV_FILE  ?= .env
 CACHE_VOL ?= finetune-cache
+RUNS_DIR  ?= runs
+# docker stop's grace: SIGTERM -> the job saves a checkpoint; under torchrun (`launch ...`) it gets 150 s for that
+STOP_TIMEOUT ?= 180
 ARGS      ?= run --config gemma-2b-it-qlora
 OVERLAY   ?= single-gpu
 NAMESPACE ?= default
@@ -77,22 +80,31 @@ push: ## Push IMAGE_REF and its -sagemaker variant to REGISTRY
 	docker push $(IMAGE_REF)
 	docker push $(IMAGE_REF)-sagemaker
 
-run-local: ## docker run --gpus all IMAGE_REF ARGS, with ENV_FILE (secrets) and the CACHE_VOL volume on /cache
-	docker run --rm --init --gpus all --shm-size 8g --stop-timeout 120 --env-file $(ENV_FILE) \
-	  -v $(CACHE_VOL):/cache -v "$(CURDIR)/runs:/workspace/runs" $(IMAGE_REF) $(ARGS)
+# The container runs as the owner of RUNS_DIR (created first, so a new one is yours, not the Docker daemon's), so
+# it can write there and what it writes is the owner's; that uid has no home in the image, hence HOME=/tmp (the
+# image's /cache is writable by any uid). ENV_FILE (secrets) is passed when it exists; naming one that does not
+# exist is an error. tini is the image's PID 1: no --init.
+ENV_FILE_OPTION = $(if $(wildcard $(ENV_FILE)),--env-file $(ENV_FILE),$(if $(filter file,$(origin ENV_FILE)),,\
+                  $(error ENV_FILE=$(ENV_FILE) does not exist)))
+run-local: ## docker run --gpus all IMAGE_REF ARGS as RUNS_DIR's owner, with ENV_FILE if present and CACHE_VOL on /cache
+	mkdir -p "$(RUNS_DIR)"
+	docker run --rm --gpus all --shm-size 8g --stop-timeout $(STOP_TIMEOUT) \
+	  --user "$$(stat -c %u:%g "$(RUNS_DIR)" 2>/dev/null || stat -f %u:%g "$(RUNS_DIR)")" -e HOME=/tmp $(ENV_FILE_OPTION) \
+	  -v $(CACHE_VOL):/cache -v "$(abspath $(RUNS_DIR)):/workspace/runs" $(IMAGE_REF) $(ARGS)
 
 k8s-render: ## Print the OVERLAY (single-gpu, multi-gpu, multi-node) with IMAGE_REF, BUCKET, RUN_ID filled in
 	@$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID)
 
-k8s-submit: ## Render OVERLAY and kubectl apply it in NAMESPACE
-	$(BIN)/python infra/k8s/render.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID) \
-	  | kubectl apply -n $(NAMESPACE) -f -
+k8s-submit: ## Render OVERLAY and apply it in NAMESPACE; a failed Job of RUN_ID is replaced (it resumes)
+	$(BIN)/python infra/k8s/submit.py $(OVERLAY) --image $(IMAGE_REF) --bucket $(BUCKET) --run-id $(RUN_ID) \
+	  --namespace $(NAMESPACE)
 
 k8s-logs: ## Follow the logs of job RUN_ID (all pods; the job's stderr)
 	kubectl logs -n $(NAMESPACE) -f --all-containers --prefix -l batch.kubernetes.io/job-name=$(RUN_ID)
 
-k8s-delete: ## Delete what k8s-submit created for RUN_ID (the bucket keeps the results)
-	kubectl delete -n $(NAMESPACE) --ignore-not-found job/$(RUN_ID) service/$(RUN_ID)
+k8s-delete: ## Delete what k8s-submit created for RUN_ID: Job, pods, Service, ConfigMap (the bucket keeps the results)
+	kubectl delete -n $(NAMESPACE) --ignore-not-found --cascade=foreground job/$(RUN_ID) service/$(RUN_ID)
+	kubectl delete -n $(NAMESPACE) --ignore-not-found configmap -l app.kubernetes.io/instance=$(RUN_ID)
 
 sagemaker-submit: ## SageMaker training job with IMAGE_REF-sagemaker, ROLE, SM_ARGS; DRY_RUN=1 prints the request
 	$(BIN)/python infra/sagemaker/submit.py --image $(IMAGE_REF)-sagemaker --role "$(ROLE)" \

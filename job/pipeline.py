@@ -62,7 +62,8 @@ def _run(cfg: JobConfig, *, resume: str, overwrite: bool, evaluate: bool) -> dic
                           "use `finetune train`, then `finetune evaluate --adapter` on a machine that holds the base")
     with distributed.local_main_first():  # a conversion or download fills this node's cache once
         model_path = resolve_model_path(cfg.model.name)  # the one place the model's location is resolved
-    plan = distributed.on_main(_plan, cfg, resume, overwrite)  # rank 0 alone clears, creates, fetches
+    # Rank 0 alone clears, creates and fetches; each node then stages the run on its own disk (they may not share one).
+    plan = distributed.on_main(_plan, cfg, resume, overwrite).here()
     cfg, run = plan.cfg, plan.run  # from here on the config is final
     main = distributed.is_main()
     if plan.publish_only:

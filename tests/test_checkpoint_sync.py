@@ -164,3 +164,34 @@ def test_half_uploaded_checkpoint_never_counts(
     assert TRAINER_STATE not in remote
     assert latest_complete_checkpoint(uri) == f"{uri}/checkpoint-2"
     assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
+
+
+def test_a_process_on_another_node_uploads_its_own_rng_state_at_once(
+    hf: ModuleType, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"s3://{s3_bucket}/ckpt/run-1"
+    folder = tmp_path / "checkpoint-2"  # what rank 2 (node 1's local rank 0) has on its own disk
+    folder.mkdir()
+    (folder / "rng_state_2.pth").write_bytes(b"rank 2")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    mirror = checkpoint_sync.CheckpointMirror(uri)
+    mirror.on_save(SimpleNamespace(output_dir=str(tmp_path)),
+                   hf.TrainerState(global_step=2, is_world_process_zero=False), hf.TrainerControl())
+    assert storage.list_files(f"{uri}/checkpoint-2") == {"rng_state_2.pth": 6}  # before on_save returns
+    assert latest_complete_checkpoint(uri) is None  # rank 0's trainer_state.json completes it
+
+
+def test_rank_0_does_not_complete_a_checkpoint_another_node_could_not_upload(
+    hf: ModuleType, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from job.train import distributed
+
+    uri = f"s3://{s3_bucket}/ckpt/run-1"
+    _checkpoint(tmp_path, 2)
+    monkeypatch.setattr(distributed, "any_rank", lambda flag: True)  # a process on node 1 reported a failure
+    mirror = checkpoint_sync.CheckpointMirror(uri)
+    mirror.on_save(SimpleNamespace(output_dir=str(tmp_path)), hf.TrainerState(global_step=2), hf.TrainerControl())
+    with pytest.raises(JobError, match="checkpoint-2: a process on another node could not upload its RNG state"):
+        mirror.wait()
+    assert storage.list_files(uri) == {} and latest_complete_checkpoint(uri) is None

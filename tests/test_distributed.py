@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,12 +43,12 @@ def _sets(tiny_model, sample_path, *extra):
     return [arg for item in items for arg in ("--set", item)]
 
 
-def _launch(args, **env_extra):
-    """`python -m job.platforms.launch --nproc-per-node 2 -m job ARGS`, stdout/stderr captured."""
+def _launch(args, launch=(), stderr=subprocess.PIPE, **env_extra):
+    """`python -m job.platforms.launch --nproc-per-node 2 [LAUNCH...] -m job ARGS`, stdout/stderr captured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") or k == "FINETUNE_CACHE_DIR"}
     env.update(OMP_NUM_THREADS="1", **env_extra)
-    command = [*LAUNCH, "-m", "job"]
-    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    command = [*LAUNCH, *launch, "-m", "job"]
+    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
 
 
 def _single_process(tiny_model, sample_path, out, *extra):
@@ -164,6 +165,75 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resume_from_s3_finishes(
     assert s3_client.head_object(Bucket=s3_bucket, Key="runs/r1/manifest.json")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes(args, machines: Path):
+    """Two torchrun "nodes" of 2 processes each on 127.0.0.1, static rendezvous, each with its own work and cache
+    folders under `machines/node-<rank>` (no shared disk) and its stderr in `machines/node-<rank>.log`."""
+    port = _free_port()
+    nodes = []
+    for rank in (0, 1):
+        machine = machines / f"node-{rank}"
+        machine.mkdir(parents=True)
+        launch = ["--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+        with (machines / f"node-{rank}.log").open("w") as log:
+            nodes.append(_launch(args, launch, stderr=log, FINETUNE_WORK_DIR=str(machine / "work"),
+                                 FINETUNE_CACHE_DIR=str(machine / "cache")))
+    return nodes
+
+
+def _finish(nodes, machines: Path, timeout: float) -> list[str]:
+    for node in nodes:
+        node.communicate(timeout=timeout)
+    return [(machines / f"node-{rank}.log").read_text() for rank in (0, 1)]
+
+
+def test_two_nodes_without_a_shared_disk_stop_together_and_resume_from_the_bucket_mirror(
+    tiny_model, sample_path, tmp_path, s3_bucket, s3_client
+):
+    output = f"s3://{s3_bucket}/runs"
+    args = ["train", "--config", "gemma-2b-it-lora", "--output", output, "--run-id", "r1",
+            *_sets(tiny_model, sample_path, "training.max_steps=8", "training.per_device_batch_size=2")]
+    first = tmp_path / "attempt-1"
+    nodes = _two_nodes(args, first)
+    _wait_for_steps(nodes[0], first / "node-0" / "work" / "r1", 2)
+    nodes[1].send_signal(signal.SIGTERM)  # node 1's launcher, as the kubelet stops a pod
+    logs = _finish(nodes, first, timeout=120)
+    assert [node.returncode for node in nodes] == [EXIT_PREEMPTED] * 2, logs[0][-2000:] + logs[1][-2000:]
+    stopped = re.findall(r"error \(rank (\d)\): stopped by SIGTERM at step (\d+)", "".join(logs))
+    assert sorted(rank for rank, _ in stopped) == ["0", "1", "2", "3"] and len({step for _, step in stopped}) == 1
+    step = int(stopped[0][1])
+    assert 2 <= step < 8
+    assert "launch: stopped by SIGTERM; every process stopped safely" in logs[1]
+
+    # The mirror holds every process's RNG state, and rank 0's trainer state records the 4 processes.
+    prefix = f"runs/r1/checkpoints/checkpoint-{step}/"
+    keys = {obj["Key"] for obj in s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/r1/")["Contents"]}
+    assert {key.split("/")[3] for key in keys if "/checkpoints/" in key} == {f"checkpoint-{step}"}
+    assert {prefix + f"rng_state_{rank}.pth" for rank in range(4)} | {prefix + "trainer_state.json"} <= keys
+    state = json.loads(s3_client.get_object(Bucket=s3_bucket, Key=prefix + "trainer_state.json")["Body"].read())
+    assert state["stateful_callbacks"]["ProcessCount"]["args"]["world_size"] == 4
+    # ...while each node's disk holds only its own ranks' RNG states (rank 0's also the rest)
+    local = [first / f"node-{rank}" / "work" / "r1" / "checkpoints" / f"checkpoint-{step}" for rank in (0, 1)]
+    assert sorted(p.name for p in local[0].glob("rng_state_*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert sorted(p.name for p in local[1].iterdir()) == ["rng_state_2.pth", "rng_state_3.pth"]
+
+    # Two new machines with empty disks: each node fetches the checkpoint from the bucket, and training continues.
+    second = tmp_path / "attempt-2"
+    nodes = _two_nodes([*args, "--resume", "auto"], second)
+    logs = _finish(nodes, second, timeout=300)
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    resumed = [second / f"node-{rank}" / "work" / "r1" / "checkpoints" / f"checkpoint-{step}" for rank in (0, 1)]
+    assert logs[0].count(f"resuming from {resumed[0]}") == 1
+    assert {"trainer_state.json", "rng_state_2.pth", "rng_state_3.pth"} <= {p.name for p in resumed[1].iterdir()}
+    assert [entry["step"] for entry in read_train_log(second / "node-0" / "work" / "r1")] == list(range(step + 1, 9))
+    assert s3_client.head_object(Bucket=s3_bucket, Key="runs/r1/manifest.json")
+
+
 def test_a_killed_rank_fails_the_run_quickly_with_one_line(tiny_model, sample_path, tmp_path):
     out = tmp_path / "out"
     args = ["train", "--config", "gemma-2b-it-lora", "--output", str(out), "--run-id", "r1",
@@ -212,6 +282,13 @@ def test_resume_refuses_a_checkpoint_written_by_another_number_of_processes(tmp_
         plan_run(cfg, str(checkpoint), overwrite=False)
     monkeypatch.setenv("WORLD_SIZE", "2")  # the same number of processes: accepted
     assert plan_run(cfg, str(checkpoint), overwrite=False).checkpoint == str(checkpoint)
+    # Rank 0's disk on one of two nodes: 2 RNG files, but its trainer state records the 4 processes
+    (checkpoint / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 4, "stateful_callbacks": {"ProcessCount": {"args": {"world_size": 4}, "attributes": {}}}}))
+    with pytest.raises(ConfigError, match=r"written by 4 process\(es\), this run has 2"):
+        plan_run(cfg, str(checkpoint), overwrite=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert plan_run(cfg, str(checkpoint), overwrite=False).checkpoint == str(checkpoint)
 
 
 def test_qlora_under_fsdp_trains_and_saves_the_whole_adapter(tiny_model, sample_path, tmp_path):
@@ -243,21 +320,27 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype():
     assert quantization_config(cfg).bnb_4bit_quant_storage == torch.uint8  # FSDP could not shard this
 
 
-def test_sigterm_to_the_launcher_reaches_every_rank_and_exits_75(tmp_path):
+@pytest.mark.parametrize("rank_1", ["saves", "hangs"])
+def test_sigterm_to_the_launcher_exits_75_only_when_every_rank_saved(tmp_path, rank_1):
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, signal, sys, time\n"
         "from pathlib import Path\n"
-        f"here = Path({str(tmp_path)!r})\n"
+        "from job.train.preemption import report_stop\n"
+        f"here, rank_1 = Path({str(tmp_path)!r}), {rank_1!r}\n"
         "def stop(*_):  # as the job does after its checkpoint\n"
         "    (here / ('stopped-' + os.environ['RANK'])).touch()\n"
+        "    report_stop('stopped by SIGTERM at step 3; checkpoint saved')\n"
         "    sys.exit(75)\n"
-        "signal.signal(signal.SIGTERM, stop)\n"
+        "if os.environ['RANK'] == '0' or rank_1 == 'saves':\n"
+        "    signal.signal(signal.SIGTERM, stop)\n"
+        "else:  # still in a step (or a slow upload) when torchrun's shutdown timeout runs out\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "(here / ('ready-' + os.environ['RANK'])).touch()\n"
         "time.sleep(60)\n"
     )
     launcher = subprocess.Popen(
-        [*LAUNCH, str(script)],
+        [*LAUNCH, "--shutdown-timeout", "3", str(script)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.monotonic() + 60
@@ -265,8 +348,30 @@ def test_sigterm_to_the_launcher_reaches_every_rank_and_exits_75(tmp_path):
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)
     _, stderr = launcher.communicate(timeout=60)
-    assert launcher.returncode == EXIT_PREEMPTED and "stopped by SIGTERM" in stderr
-    assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0", "stopped-1"]
+    if rank_1 == "saves":
+        assert launcher.returncode == EXIT_PREEMPTED, stderr[-2000:]
+        assert "every process stopped safely (stopped by SIGTERM at step 3; checkpoint saved) -> exit 75" in stderr
+        assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0", "stopped-1"]
+    else:
+        assert launcher.returncode == 1, stderr[-2000:]
+        assert ("error: stopped by SIGTERM, but local rank(s) 1 of 2 did not save a checkpoint before torchrun "
+                "stopped them (killed after its 3 s shutdown timeout") in stderr
+        assert sorted(path.name for path in tmp_path.glob("stopped-*")) == ["stopped-0"]
+
+
+def test_the_launcher_gives_the_ranks_longer_than_torchruns_30_s(monkeypatch):
+    from torch.distributed.run import parse_args
+
+    from job.platforms.launch import SHUTDOWN_TIMEOUT_S, _shutdown_timeout
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("PET_SHUTDOWN_TIMEOUT", raising=False)
+    args = parse_args(["worker.py"])
+    assert args.shutdown_timeout is None  # torchrun alone would use 30 s
+    assert _shutdown_timeout(args) == SHUTDOWN_TIMEOUT_S == args.shutdown_timeout > 30
+    assert _shutdown_timeout(parse_args(["--shutdown-timeout", "90", "worker.py"])) == 90
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "100")
+    assert _shutdown_timeout(parse_args(["worker.py"])) == 100
 
 
 def test_evaluation_shares_are_whole_batches_dealt_round_robin(tiny_model, sample_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -161,10 +162,64 @@ def test_every_job_keeps_the_exit_code_semantics_and_schedules_on_gpu_nodes():
         assert pod["nodeSelector"], name
         container = pod["containers"][0]
         gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-        command = container.get("command", [])
-        if gpus > 1:  # torchrun through the launcher that keeps exit codes 2/3/75
-            assert command[:3] == ["python", "-m", "job.platforms.launch"], name
-            assert f"--nproc-per-node={gpus}" in command, name
+        assert "command" not in container, f"{name}: command would replace the image's tini + entrypoint"
+        if gpus > 1:  # torchrun through the launcher that keeps exit codes 2/3/75, via the image's entrypoint
+            assert container["args"][0] == "launch", name
+            assert f"--nproc-per-node={gpus}" in container["args"], name
+            assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(container["args"]) + 30, name
+
+
+def _shutdown_timeout(args: list[str]) -> int:
+    """torchrun's `--shutdown-timeout=N` in a launcher's arguments, else the launcher's default."""
+    from job.platforms.launch import SHUTDOWN_TIMEOUT_S
+
+    given = [int(arg.split("=", 1)[1]) for arg in args if arg.startswith("--shutdown-timeout=")]
+    return given[0] if given else SHUTDOWN_TIMEOUT_S
+
+
+def _image_entrypoint() -> list[str]:
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    return json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE).group(1))
+
+
+def test_multi_gpu_pods_keep_the_image_entrypoint():
+    pods = [_by_kind(_render(overlay), "Job")[0]["spec"]["template"]["spec"] for overlay in ("multi-gpu", "multi-node")]
+    pytorchjob = yaml.safe_load((K8S / "operators" / "pytorchjob.yaml").read_text())
+    pods += [spec["template"]["spec"] for spec in pytorchjob["spec"]["pytorchReplicaSpecs"].values()]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert "command" not in container and container["args"][0] == "launch"
+        assert container["args"][container["args"].index("-m") + 1:][:2] == ["job", "run"]
+        assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(container["args"]) + 30
+    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
+    assert 'exec python -m job.platforms.launch "$@"' in entrypoint
+
+
+def test_trainjob_patches_the_runtime_pods_so_they_can_checkpoint():
+    doc = yaml.safe_load((K8S / "operators" / "trainjob.yaml").read_text())
+    trainer = doc["spec"]["trainer"]
+    # the runtime's container has its own command: the TrainJob sets the image's entrypoint back
+    assert trainer["command"] == _image_entrypoint() and trainer["args"][0] == "launch"
+    (patch,) = doc["spec"]["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert job["name"] == "node"  # the torch-distributed runtime's replicated job and container
+    pod = job["template"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= _shutdown_timeout(trainer["args"]) + 30
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1001
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    (container,) = pod["containers"]
+    assert container["name"] == "node" and container["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert "emptyDir" in volumes[mounts["/cache"]]
+    # closed schema: a misspelled field deep inside the patch is rejected
+    bad = copy.deepcopy(doc)
+    bad_pod = bad["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    bad_pod["template"]["spec"]["template"]["spec"]["terminationGracePeriod"] = 180
+    with pytest.raises(jsonschema.ValidationError, match="terminationGracePeriod"):
+        jsonschema.validate(bad, _custom_schema(bad))
 
 
 def test_single_gpu_job_reads_optional_secrets_and_params_with_envfrom():
@@ -194,7 +249,7 @@ def test_multi_node_indexed_job_rendezvous_on_pod_zero():
     assert pod["subdomain"] == service["metadata"]["name"] == name
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
-    command = pod["containers"][0]["command"]
+    command = pod["containers"][0]["args"]
     assert "--nnodes=2" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
     assert "--rdzv-backend=c10d" in command
     # pod 0's DNS name: <job>-0.<service>, with the run id (= the Job's name) expanded by the kubelet
@@ -221,6 +276,73 @@ def test_render_sets_image_bucket_and_run_id(tmp_path: Path):
     assert config_map["data"]["FINETUNE_OUTPUT_URI"] == "s3://acme-ml/finetune/runs"
     for doc in docs:
         _validate_core(doc, "latest")
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "exp-7"  # what submit/delete select
+    assert pod["containers"][0]["envFrom"][0]["configMapRef"]["name"] == config_map["metadata"]["name"]
+
+
+@pytest.fixture
+def fake_kubectl(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """`kubectl` first on PATH: `kustomize` runs the real one; `get job` prints `job.json` (if any); every other
+    call is recorded in `calls` (stdin of `apply` in `applied.yaml`)."""
+    real = _kubectl()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = kustomize ]; then exec {real} "$@"; fi\n'
+        f'echo "$*" >> {tmp_path}/calls\n'
+        f'if [ "$1" = get ]; then cat {tmp_path}/job.json 2>/dev/null; exit 0; fi\n'
+        f'if [ "$1" = apply ]; then cat > {tmp_path}/applied.yaml; echo "job.batch/exp-7 created"; fi\n'
+    )
+    (bin_dir / "kubectl").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, tmp_path
+
+
+def _submit(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(K8S / "submit.py"), "multi-node", "--image", "ghcr.io/acme/finetune-job:1.2.3",
+         "--bucket", "acme-ml", "--run-id", "exp-7", "--namespace", "ml"],
+        capture_output=True, text=True, timeout=60, env=env)
+
+
+def _job_status(*conditions: str) -> str:
+    return json.dumps({"kind": "Job", "metadata": {"name": "exp-7"},
+                       "status": {"conditions": [{"type": c, "status": "True"} for c in conditions]}})
+
+
+def test_submit_applies_a_new_run_id(fake_kubectl):
+    env, here = fake_kubectl
+    result = _submit(env)
+    assert result.returncode == 0, result.stderr
+    calls = (here / "calls").read_text().splitlines()
+    assert calls == ["get job exp-7 -n ml -o json --ignore-not-found", "apply -n ml -f -"]
+    applied = [doc for doc in yaml.safe_load_all((here / "applied.yaml").read_text()) if doc]
+    assert {doc["kind"] for doc in applied} == {"Job", "Service", "ConfigMap"}
+
+
+def test_submit_replaces_a_failed_job_so_that_it_resumes(fake_kubectl):
+    env, here = fake_kubectl
+    (here / "job.json").write_text(_job_status("FailureTarget", "Failed"))
+    result = _submit(env)
+    assert result.returncode == 0, result.stderr
+    assert "deleting it (pods, Service, ConfigMap), then submitting it again" in result.stderr
+    assert (here / "calls").read_text().splitlines() == [
+        "get job exp-7 -n ml -o json --ignore-not-found",
+        "delete -n ml --ignore-not-found --cascade=foreground --wait job/exp-7 service/exp-7",
+        "delete -n ml --ignore-not-found --wait configmap -l app.kubernetes.io/instance=exp-7",
+        "apply -n ml -f -",
+    ]
+
+
+@pytest.mark.parametrize(("conditions", "message"), [
+    ((), "is still running"), (("SuccessCriteriaMet", "Complete"), "completed and its run is published"),
+])
+def test_submit_leaves_a_running_or_complete_job_alone(fake_kubectl, conditions, message):
+    env, here = fake_kubectl
+    (here / "job.json").write_text(_job_status(*conditions))
+    result = _submit(env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert (here / "calls").read_text().splitlines() == ["get job exp-7 -n ml -o json --ignore-not-found"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -70,6 +70,60 @@ def test_dockerfile_contract():
     assert "tini=" in runs and "flash_attn-*.whl" in runs and "import job.platforms.sagemaker, flash_attn" in runs
 
 
+GLIBC = {
+    "debian:bookworm": (2, 36), "debian:bookworm-slim": (2, 36), "debian:bullseye-slim": (2, 31),
+    "debian:trixie-slim": (2, 41), "ubuntu20.04": (2, 31), "ubuntu22.04": (2, 35), "ubuntu24.04": (2, 39),
+}
+"""glibc of known base images: Debian by codename (bookworm 2.36), nvidia/cuda by its -ubuntuXX.XX suffix."""
+CU130 = {"TORCH_CUDA": "cu130", "CUDA_DEVEL": "13.0.2-devel-ubuntu22.04"}
+"""The documented CUDA 13 build (Dockerfile comment, infra/README.md)."""
+
+
+def _stage_bases(text: str, build_args: dict[str, str] | None = None) -> dict[str, str]:
+    """Stage name -> base image of each FROM, with ARG defaults (global ARGs before the first FROM) and
+    `build_args` substituted."""
+    values: dict[str, str] = {}
+    stages: dict[str, str] = {}
+    for name, args in _instructions(text):
+        if name == "ARG" and not stages:
+            key, _, default = args.partition("=")
+            values[key] = default
+        elif name == "FROM":
+            image, _, stage = args.partition(" AS ")
+            stages[stage.strip()] = re.sub(r"\$\{(\w+)\}", lambda m: {**values, **(build_args or {})}[m.group(1)],
+                                           image.strip())
+    return stages
+
+
+def glibc_of(image: str) -> tuple[int, int]:
+    """The glibc version of base image `image` (`name:tag[@sha256:...]`), from GLIBC; unknown bases fail."""
+    name = image.split("@", 1)[0]
+    if name in GLIBC:
+        return GLIBC[name]
+    if name.startswith("nvidia/cuda:") and (distro := name.rsplit("-", 1)[-1]) in GLIBC:
+        return GLIBC[distro]
+    raise AssertionError(f"{image}: glibc unknown; add the base image to GLIBC in tests/test_packaging.py")
+
+
+@pytest.mark.parametrize("build_args", [{}, CU130], ids=["cu126", "cu130"])
+def test_flash_attn_is_built_on_a_glibc_the_runtime_has(build_args: dict[str, str]):
+    stages = _stage_bases(DOCKERFILE.read_text(), build_args)
+    build, runtime = stages["flash-attn"], stages["runtime"]
+    assert glibc_of(build) <= glibc_of(runtime), f"{build} has a newer glibc than {runtime}"
+    for base in (build, runtime):  # pinned by digest (the cu130 variant's CUDA_DEVEL is a documented tag)
+        assert re.search(r"@sha256:[0-9a-f]{64}$", base) or base.endswith(CU130["CUDA_DEVEL"]), base
+    documented = f"--build-arg TORCH_CUDA=cu130 --build-arg CUDA_DEVEL={CU130['CUDA_DEVEL']}"
+    assert documented in DOCKERFILE.read_text() and documented in (REPO / "infra" / "README.md").read_text()
+
+
+def test_the_glibc_check_rejects_a_newer_build_base_and_unknown_bases():
+    stages = _stage_bases(DOCKERFILE.read_text(), {"CUDA_DEVEL": "12.6.3-devel-ubuntu24.04"})  # the old default
+    assert glibc_of(stages["flash-attn"]) > glibc_of(stages["runtime"])
+    with pytest.raises(AssertionError, match="glibc unknown"):
+        glibc_of("alpine:3.20")
+    assert glibc_of(f"debian:bookworm-slim@sha256:{'0' * 64}") == (2, 36)
+
+
 def test_image_env_reaches_the_job_settings():
     """What the Dockerfile sets is what the job reads: its cache root, and the attention implementation that
     makes `packing: auto` pack padding-free."""
@@ -139,6 +193,9 @@ def fake_bin(tmp_path: Path) -> Path:
         (["run", "--config", "gemma-2b-it-qlora", "--resume", "auto"],
          "finetune run --config gemma-2b-it-qlora --resume auto"),
         (["presets"], "finetune presets"),
+        (["launch", "--nproc-per-node=4", "-m", "job", "run"],
+         "python -m job.platforms.launch --nproc-per-node=4 -m job run"),
+        (["run", "launch"], "finetune run launch"),
         (["evaluate", "train"], "finetune evaluate train"),
     ],
 )
@@ -207,15 +264,65 @@ def test_make_targets_use_version_tag_and_settings():
     version = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
     assert f"registry.example.com/finetune-job:{version}" in _make("-n", "image").stdout
     assert "docker push ghcr.io/me/finetune-job:dev" in _make("-n", "push", "REGISTRY=ghcr.io/me", "TAG=dev").stdout
-    run_local = _make("-n", "run-local", "ENV_FILE=my.env").stdout
-    assert "--gpus all" in run_local and "--env-file my.env" in run_local and "finetune-cache:/cache" in run_local
+    run_local = _make("-n", "run-local", f"ENV_FILE={ENTRYPOINT}").stdout  # any file that exists
+    assert "--gpus all" in run_local and f"--env-file {ENTRYPOINT}" in run_local
+    assert "finetune-cache:/cache" in run_local
+    assert "--init" not in run_local, "tini is the image's PID 1"
+    missing = _make("-n", "run-local", "ENV_FILE=no-such.env")
+    assert missing.returncode != 0 and "ENV_FILE=no-such.env does not exist" in missing.stderr
     assert "--dry-run" in _make("-n", "sagemaker-submit", "DRY_RUN=1").stdout
     assert "--dry-run" not in _make("-n", "sagemaker-submit").stdout
     assert 'artifacts pull "s3://b/r/1"' in _make("-n", "pull", "RUN=s3://b/r/1").stdout
-    assert "kubectl apply" in _make("-n", "k8s-submit", "OVERLAY=multi-node").stdout
+    submit = _make("-n", "k8s-submit", "OVERLAY=multi-node", "NAMESPACE=ml").stdout
+    assert "infra/k8s/submit.py multi-node" in submit and "--namespace ml" in submit
+    delete = _make("-n", "k8s-delete", "RUN_ID=exp-7").stdout
+    assert "job/exp-7 service/exp-7" in delete and "configmap -l app.kubernetes.io/instance=exp-7" in delete
     install = _make("-n", "-B", "install", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126").stdout
     assert '--index-url "https://download.pytorch.org/whl/cu126" "torch==' in install
     assert "--require-hashes -r requirements/dev.txt" in install
+
+
+@pytest.fixture
+def fake_docker(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A `docker` first on PATH that records its arguments (one per line) and does nothing else."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "docker-args"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    (bin_dir / "docker").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, record
+
+
+def test_run_local_works_out_of_the_box_as_the_owner_of_the_output_folder(tmp_path: Path, fake_docker):
+    env, record = fake_docker
+    project = tmp_path / "checkout"  # a checkout without .env (none ships) and without runs/
+    project.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, project / name)
+
+    def run_local(*args: str) -> list[str]:
+        result = subprocess.run(["make", "--no-print-directory", "-C", str(project), "run-local", *args],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        return record.read_text().splitlines()
+
+    argv = run_local()
+    runs = project / "runs"
+    assert runs.is_dir() and runs.stat().st_uid == os.getuid(), "created by make, so owned by the user"
+    assert argv[argv.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    assert "--env-file" not in argv and "--init" not in argv
+    assert f"{runs}:/workspace/runs" in argv and argv[argv.index("--stop-timeout") + 1] == "180"
+    assert argv[-3:] == ["run", "--config", "gemma-2b-it-qlora"]
+
+    (project / ".env").write_text("HF_TOKEN=hf_x\n")
+    argv = run_local()
+    assert argv[argv.index("--env-file") + 1] == ".env"
+
+    if os.getuid() == 0:  # an output folder someone else owns: the container runs as that owner
+        other = tmp_path / "theirs"
+        other.mkdir()
+        os.chown(other, 4321, 4322)
+        argv = run_local(f"RUNS_DIR={other}")
+        assert argv[argv.index("--user") + 1] == "4321:4322" and f"{other}:/workspace/runs" in argv
 
 
 def _locked(path: Path) -> dict[str, str]:
@@ -341,6 +448,8 @@ FAKE_CLI = """\
 import json, os, signal, sys, time
 from pathlib import Path
 Path(os.environ["FAKE_ARGS"]).write_text(json.dumps(sys.argv[1:]))
+if os.environ.get("FAKE_TOKEN_SEEN"):
+    Path(os.environ["FAKE_TOKEN_SEEN"]).write_text(os.environ.get("HF_TOKEN", ""))
 sets = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a and a.startswith(("output.", "training.")))
 if os.environ.get("FAKE_EXIT") == "0":  # a finished run, published in place as the pipeline does
     from job.storage.publish import build_manifest, publish_run
@@ -437,6 +546,39 @@ def test_main_forwards_sigterm_and_returns_75(tmp_path: Path, fake_cli, monkeypa
     )
 
 
+@pytest.mark.parametrize("stored", ["plain", "json"])
+def test_main_reads_hf_token_from_secrets_manager(tmp_path: Path, fake_cli, monkeypatch, s3_env, stored: str):
+    import boto3
+
+    command, _ = fake_cli
+    token = "hf_" + "Zx9Q" * 8
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    value = token if stored == "plain" else json.dumps({"HF_TOKEN": token})
+    arn = secrets.create_secret(Name=f"finetune/hf-token-{stored}-{tmp_path.name}", SecretString=value)["ARN"]
+    seen = tmp_path / "token-seen"
+    monkeypatch.setenv("FAKE_TOKEN_SEEN", str(seen))
+    monkeypatch.setenv("FAKE_EXIT", "3")  # the fake CLI prints its token in an error line
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    root = _sm_root(tmp_path, {})
+    environ = {**os.environ, "FINETUNE_HF_TOKEN_SECRET": arn}
+    assert sagemaker.main(root=root, environ=environ, command=command) == 3
+    assert seen.read_text() == token  # the CLI got the secret's value as HF_TOKEN
+    failure = (root / "output" / "failure").read_text()
+    assert token not in failure and "***" in failure
+
+
+def test_main_fails_with_exit_3_naming_a_secret_it_cannot_read(tmp_path: Path, fake_cli, s3_env):
+    command, args_file = fake_cli
+    root = _sm_root(tmp_path, {})
+    missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:finetune/none-XyZ123"
+    environ = {**os.environ, "FINETUNE_HF_TOKEN_SECRET": missing}
+    environ.pop("HF_TOKEN", None)
+    assert sagemaker.main(root=root, environ=environ, command=command) == 3
+    failure = (root / "output" / "failure").read_text()
+    assert failure.startswith(f"exit 3: FINETUNE_HF_TOKEN_SECRET={missing}: cannot read the secret")
+    assert "ResourceNotFoundException" in failure and not args_file.exists(), "nothing runs without its token"
+
+
 def test_failure_reason_falls_back_to_last_line_and_redacts_env_secrets():
     environ = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "PATH": "/usr/bin"}
     tail = b"loading\nS3 said no for wJalrXUtnFEMI/K7MDENG at https://user:pw@minio:9000/b\n"
@@ -470,14 +612,25 @@ def _create_training_job_errors(request: dict) -> str:
     return report.generate_report() if report.has_errors() else ""
 
 
+SECRET_ARN = "arn:aws:secretsmanager:us-east-1:123456789012:secret:finetune/hf-token-AbCdEf"
+
+
 def test_sagemaker_request_validates_against_botocore_service_model(tmp_path: Path):
     submit = _submit_module()
     request = submit.build_request(
         image="123456789012.dkr.ecr.us-east-1.amazonaws.com/finetune-job:0.1.0-sagemaker", role=ROLE,
         bucket="my-bucket", job_name="finetune-20261202-063300", hyperparameters={"training.max_steps": 500},
-        instance_count=2, train_data="s3://my-bucket/data/", environment={"HF_TOKEN": "hf_x"},
+        instance_count=2, train_data="s3://my-bucket/data/", hf_token_secret=SECRET_ARN,
     )
     assert _create_training_job_errors(request) == ""
+    assert request["Environment"] == {"FINETUNE_HF_TOKEN_SECRET": SECRET_ARN}  # a reference, not the token
+    assert request["RetryStrategy"] == {"MaximumRetryAttempts": 2}
+    assert "RetryStrategy" not in submit.build_request(image="i", role=ROLE, bucket="b", job_name="j", max_retries=0)
+    assert "RetryStrategy.MaximumRetryAttempts" in _create_training_job_errors(
+        {**request, "RetryStrategy": {"MaximumRetryAttempts": "2"}})  # the validator checks this shape
+    for bad in ({"hf_token_secret": "hf-token"}, {"max_retries": 31}):
+        with pytest.raises(ValueError):
+            submit.build_request(image="i", role=ROLE, bucket="b", job_name="j", **bad)
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
     assert request["CheckpointConfig"] == {"S3Uri": "s3://my-bucket/finetune/checkpoints/finetune-20261202-063300",
@@ -504,9 +657,19 @@ def test_sagemaker_submit_dry_run_prints_the_request_without_sending(tmp_path: P
     assert request["ResourceConfig"]["InstanceCount"] == 2
     assert request["HyperParameters"]["training.max_steps"] == "50"
     assert request["Environment"] == {"HF_TOKEN": "***"} and "s3cr3t" not in result.stdout
+    assert "DescribeTrainingJob shows" in result.stderr and "--hf-token-secret" in result.stderr
     assert request["AlgorithmSpecification"]["TrainingImage"].endswith("finetune-job:0.1.0-sagemaker")
     request["Environment"]["HF_TOKEN"] = "hf_x"
     assert _create_training_job_errors(request) == ""
+
+    result = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "sagemaker-submit", "DRY_RUN=1",
+                             f"ROLE={ROLE}", f"SM_ARGS=--hf-token-secret {SECRET_ARN}",
+                             f"BIN={Path(sys.executable).parent}"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    request = json.loads(result.stdout[result.stdout.index("{"):])
+    assert request["Environment"] == {"FINETUNE_HF_TOKEN_SECRET": SECRET_ARN} and "s3cr3t" not in result.stdout
+    assert "warning" not in result.stderr
 
 
 def test_sagemaker_submit_rejects_a_bad_role_with_exit_2():

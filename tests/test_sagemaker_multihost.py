@@ -43,6 +43,8 @@ def test_launch_command_puts_rank_0_on_the_first_host(tmp_path: Path):
     assert cmd[1:3] == ["-m", "job.platforms.launch"] and cmd[-2:] == ["-m", "job"]
     assert {"--nnodes=2", "--node-rank=1", "--nproc-per-node=8", "--master-addr=localhost",
             "--master-port=29500"} <= set(cmd)
+    # SageMaker kills the container 120 s after SIGTERM: torchrun must leave the launcher time to report
+    assert f"--shutdown-timeout={sagemaker.SHUTDOWN_TIMEOUT_S}" in cmd and sagemaker.SHUTDOWN_TIMEOUT_S <= 110
     single = sagemaker.Cluster(hosts=("algo-1",), current_host="algo-1")
     assert sagemaker.launch_command(single, gpus=1, environ={}) == list(sagemaker.CLI_COMMAND)
     assert "--nproc-per-node=4" in sagemaker.launch_command(single, gpus=4, environ={})

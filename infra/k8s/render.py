@@ -3,8 +3,9 @@
     python infra/k8s/render.py multi-node --image REGISTRY/finetune-job:0.1.0 --bucket my-bucket --run-id exp-7
 
 Writes a throwaway kustomization on top of `infra/k8s/overlays/<overlay>` (kustomize's `images`, a merge of
-the finetune-params ConfigMap, and patches renaming the Job, and for multi-node its Service and subdomain, to
-the run id) and prints `kubectl kustomize` of it. Needs kubectl (its built-in kustomize); runs offline.
+the finetune-params ConfigMap, patches renaming the Job, and for multi-node its Service and subdomain, to the
+run id, and the label `app.kubernetes.io/instance: <run id>` on every object, by which `submit.py` and `make
+k8s-delete` find them) and prints `kubectl kustomize` of it. Needs kubectl (its built-in kustomize); runs offline.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import yaml
 
 OVERLAYS = Path(__file__).resolve().parent / "overlays"
 BASE_IMAGE = "registry.example.com/finetune-job"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+"""On every object of one submission, valued with its run id."""
 """The image the base kustomization sets (its `images` entry); this replaces it."""
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?")
 """A run id usable as Job name, Service name and DNS label (Indexed Job pod hostnames add `-<index>`)."""
@@ -60,6 +63,7 @@ def kustomization(overlay: str, image: str, bucket: str, run_id: str, root: Path
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(OVERLAYS / overlay, root)],  # kustomize wants relative paths
+        "labels": [{"pairs": {INSTANCE_LABEL: run_id}, "includeSelectors": False, "includeTemplates": True}],
         "images": [_image(image)],
         "configMapGenerator": [{
             "name": "finetune-params",

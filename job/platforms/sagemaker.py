@@ -13,7 +13,11 @@
   host, which alone publishes; the rendezvous is the first host on port 29500 (`FINETUNE_MASTER_PORT`).
 - The CLI runs as a child process that gets SIGTERM/SIGINT forwarded; on failure the last error line of its
   stderr, with secrets redacted, goes to `/opt/ml/output/failure` (SageMaker's FailureReason) and its exit
-  code is this process's exit code.
+  code is this process's exit code. SageMaker kills the container 120 s after SIGTERM, so torchrun is given
+  `--shutdown-timeout` SHUTDOWN_TIMEOUT_S for the processes' checkpoint.
+- `FINETUNE_HF_TOKEN_SECRET` (a Secrets Manager secret's ARN or name, set by `submit.py --hf-token-secret`):
+  its value becomes the CLI's `HF_TOKEN`, read here with the job's role, so the token never appears in the
+  training job's description. The secret holds the token itself, or JSON with an `HF_TOKEN` key.
 
 `SM_ROOT` (or the `root` argument) replaces `/opt/ml`, for tests and local dry runs.
 """
@@ -39,6 +43,9 @@ CLI_COMMAND: tuple[str, ...] = (sys.executable, "-m", "job")
 CHANNEL_FIELDS = {"train": "data.source", "model": "model.name"}
 SDK_KEY_PREFIX = "sagemaker_"
 MASTER_PORT = 29500
+SHUTDOWN_TIMEOUT_S = 100
+"""torchrun's wait for the processes' checkpoint after SIGTERM: SageMaker kills the container 120 s after it."""
+HF_TOKEN_SECRET_ENV = "FINETUNE_HF_TOKEN_SECRET"
 FAILURE_MAX_CHARS = 1000  # SageMaker keeps the first 1024 characters of the failure file
 _STDERR_TAIL_BYTES = 64 * 1024
 
@@ -226,7 +233,7 @@ def launch_command(cluster: Cluster, gpus: int, environ: Mapping[str, str]) -> l
     return [
         sys.executable, "-m", "job.platforms.launch",
         f"--nnodes={len(cluster.hosts)}", f"--node-rank={cluster.node_rank}", f"--nproc-per-node={nproc}",
-        f"--master-addr={cluster.hosts[0]}", f"--master-port={port}",
+        f"--master-addr={cluster.hosts[0]}", f"--master-port={port}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
         "-m", "job",
     ]
 
@@ -237,6 +244,41 @@ def launch_environment(cluster: Cluster, environ: Mapping[str, str]) -> dict[str
         return {}
     return {name: environ.get(name) or cluster.network_interface
             for name in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")}
+
+
+def hf_token_from_secret(environ: Mapping[str, str]) -> dict[str, str]:
+    """`{"HF_TOKEN": value}` read from the Secrets Manager secret that `FINETUNE_HF_TOKEN_SECRET` names (its ARN
+    gives the region), or {} when none is named or HF_TOKEN is already set. A secret that cannot be read is a
+    MissingInputError (exit 3) naming it, never its value."""
+    secret_id = environ.get(HF_TOKEN_SECRET_ENV, "").strip()
+    if not secret_id or environ.get("HF_TOKEN"):
+        return {}
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    parts = secret_id.split(":")
+    region = parts[3] if secret_id.startswith("arn:") and len(parts) > 3 else None
+    try:
+        value = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=secret_id)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise MissingInputError(f"{HF_TOKEN_SECRET_ENV}={secret_id}: cannot read the secret ({code}); the job's "
+                                "role needs secretsmanager:GetSecretValue on it") from None
+    except BotoCoreError as exc:
+        raise MissingInputError(f"{HF_TOKEN_SECRET_ENV}={secret_id}: cannot read the secret "
+                                f"({type(exc).__name__})") from None
+    text = value.get("SecretString")
+    if text is None:
+        raise MissingInputError(f"{HF_TOKEN_SECRET_ENV}={secret_id}: the secret holds binary data, not a token")
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            text = str(json.loads(text)["HF_TOKEN"]).strip()
+        except (ValueError, KeyError, TypeError):
+            raise MissingInputError(f"{HF_TOKEN_SECRET_ENV}={secret_id}: a JSON secret needs an HF_TOKEN key") from None
+    if not text:
+        raise MissingInputError(f"{HF_TOKEN_SECRET_ENV}={secret_id}: the secret is empty")
+    return {"HF_TOKEN": text}
 
 
 def publish_model(root: Path, environ: Mapping[str, str]) -> Path:
@@ -268,7 +310,7 @@ def _prepare_dirs(root: Path) -> None:
 def redact(text: str, environ: Mapping[str, str]) -> str:
     """`text` without the values of secret-looking environment variables or token-shaped strings."""
     for name, value in environ.items():
-        if len(value) >= 8 and _SECRET_ENV_NAME.search(name):
+        if len(value) >= 8 and _SECRET_ENV_NAME.search(name) and name != HF_TOKEN_SECRET_ENV:  # that one: an ARN
             text = text.replace(value, "***")
     return _SECRET_PATTERNS.sub("***", text)
 
@@ -348,9 +390,11 @@ def main(
         cluster = read_cluster(root)
         _prepare_dirs(root)
         launcher = list(command) if command is not None else launch_command(cluster, gpu_count(environ), environ)
+        secrets = hf_token_from_secret(environ)
     except JobError as exc:
         _write_failure(root, f"exit {exc.exit_code}: {redact(str(exc), environ)}"[:FAILURE_MAX_CHARS])
         return exc.exit_code
+    environ = {**environ, **secrets}  # the CLI's error lines are redacted with the token it was given
     for name in unused_channels(root):
         print(f"sagemaker: warning: input channel {name!r} is unused (known: train, model)", file=sys.stderr)
 
@@ -363,7 +407,7 @@ def main(
         print(f"sagemaker: host {cluster.current_host} ({cluster.node_rank + 1} of {len(cluster.hosts)}): "
               f"{' '.join(cmd)}", file=sys.stderr, flush=True)
         try:
-            code, tail = _run_forwarding_signals(cmd, launch_environment(cluster, environ))
+            code, tail = _run_forwarding_signals(cmd, {**launch_environment(cluster, environ), **secrets})
         except OSError as exc:
             _write_failure(root, f"exit {EXIT_UNEXPECTED}: cannot start {cmd[0]} ({exc.strerror})")
             return EXIT_UNEXPECTED

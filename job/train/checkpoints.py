@@ -119,11 +119,18 @@ def prune_checkpoints(location: str, keep: int) -> list[str]:
 
 
 class _Mirror:
-    """Uploads each checkpoint the Trainer saves to `<checkpoint_uri>/checkpoint-<step>/` in a background
-    thread, trainer_state.json last, then prunes the mirror to the Trainer's `save_total_limit` (the newest
-    complete checkpoints stay), as the Trainer does locally. At most one upload is in flight: a save waits for
-    the previous upload. Only the world-process-zero uploads. Failures are logged when they happen and raised
-    by `wait()`, which `on_train_end` calls; call `wait()` yourself to flush on SIGTERM."""
+    """Uploads each checkpoint the Trainer saves to `<checkpoint_uri>/checkpoint-<step>/`, trainer_state.json
+    last, then prunes the mirror to the Trainer's `save_total_limit` (the newest complete checkpoints stay), as
+    the Trainer does locally.
+
+    Several nodes share no disk: rank 0's folder holds the weights, optimizer, trainer state and the RNG states
+    of its own node's ranks, while each process on another node holds only its own `rng_state_<rank>.pth`. So on
+    each save every process off rank 0's node first uploads its own RNG state (a few KB, at once), then all
+    processes agree (an all-reduce) that every one succeeded, and only then does rank 0 upload its folder in a
+    background thread, trainer_state.json last: a mirrored checkpoint counts as complete only once every
+    process's part is in it. At most one upload is in flight: a save waits for the previous upload. Failures are
+    logged when they happen and raised by rank 0's `wait()`, which `on_train_end` calls; call `wait()` yourself
+    to flush on SIGTERM."""
 
     def __init__(self, checkpoint_uri: str) -> None:
         self.checkpoint_uri = checkpoint_uri.rstrip("/")
@@ -131,19 +138,42 @@ class _Mirror:
         self._failures: list[str] = []
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        self._join()
+        from job.train import distributed
+
         name = f"checkpoint-{state.global_step}"
         src = Path(args.output_dir) / name
+        dest = storage.join(self.checkpoint_uri, name)
+        if state.is_world_process_zero:
+            self._join()
+        own_failure = None if distributed.on_main_node() else self._upload_own_rng_state(src, dest)
+        if distributed.any_rank(own_failure is not None):
+            if state.is_world_process_zero:  # its trainer_state.json is not uploaded: the mirror never counts it
+                self._failures.append(f"{name}: a process on another node could not upload its RNG state "
+                                      "(its log says why); this checkpoint was not mirrored")
+            return
+        if not state.is_world_process_zero:
+            return
         if not src.is_dir():
             logger.warning("checkpoint mirror: %s not found, nothing to upload", src)
             return
         snapshot = _snapshot(src, Path(args.output_dir) / SNAPSHOT_DIR / name)
-        dest = storage.join(self.checkpoint_uri, name)
         keep = getattr(args, "save_total_limit", None)  # the Trainer rotates local checkpoints to the same
         self._thread = threading.Thread(target=self._upload, args=(snapshot, dest, keep), name=f"mirror-{name}")
         self._thread.start()
+
+    def _upload_own_rng_state(self, checkpoint: Path, dest: str) -> str | None:
+        """Upload this process's RNG state of `checkpoint` (a process off rank 0's node); the failure, or None."""
+        from job.train import distributed
+
+        path = checkpoint / f"rng_state_{distributed.rank()}.pth"
+        if not path.is_file():  # saved without RNG states (save_only_model): nothing of this process to add
+            return None
+        try:
+            storage.upload_file(path, storage.join(dest, path.name))
+        except Exception as exc:
+            logger.error("checkpoint mirror: upload of %s to %s failed: %s", path, dest, exc)
+            return str(exc)
+        return None
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.wait()

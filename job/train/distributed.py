@@ -209,11 +209,32 @@ def describe_batch(per_device: int, accumulation: int) -> str:
             f" x {processes}")
 
 
+WORLD_SIZE_STATE = "ProcessCount"
+"""Key in a checkpoint's trainer_state.json (`stateful_callbacks`) under which rank 0 records how many processes
+wrote it (job.train.trainer.ProcessCount, transformers' ExportableState): saved in the one file that marks the
+checkpoint complete, so a checkpoint that counts as complete always says who wrote it."""
+
+
+def on_main_node() -> bool:
+    """Whether this process runs on rank 0's node (and so writes to rank 0's disk): torchrun numbers the ranks
+    node by node, so only there is a process's global rank its local rank."""
+    return rank() == local_rank()
+
+
 def checkpoint_world_size(checkpoint: str) -> int:
-    """How many processes wrote a Trainer checkpoint: it holds one `rng_state_<rank>.pth` per process (one
-    `rng_state.pth` for a single process). 0 when it holds none (saved with save_only_model)."""
+    """How many processes wrote a Trainer checkpoint: the count rank 0 recorded in its trainer_state.json, else
+    (checkpoints saved before it was recorded) one `rng_state_<rank>.pth` per process found in the folder (one
+    `rng_state.pth` for a single process). 0 when neither says (saved with save_only_model)."""
+    import json
     from pathlib import Path
 
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        recorded = state["stateful_callbacks"][WORLD_SIZE_STATE]["args"]["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if isinstance(recorded, int) and recorded > 0:
+        return recorded
     names = {p.name for p in Path(checkpoint).glob("rng_state*.pth")}
     if "rng_state.pth" in names:
         return 1
@@ -238,15 +259,17 @@ def check_resume_world_size(checkpoint: str | None) -> None:
 
 def ensure_checkpoint_here(checkpoint: str | None, checkpoint_uri: str | None) -> None:
     """Several nodes without a shared disk: rank 0 fetched the checkpoint into its own run folder; each other
-    node's local rank 0 fetches the same one from the mirror when its disk lacks it, then that node's ranks read
-    it. Nothing to do on one node, or when the folder is shared."""
-    from pathlib import Path
-
+    node's local rank 0 fetches the same one from the mirror when its disk lacks a complete copy (its own ranks'
+    earlier saves left only their RNG states there), then that node's ranks read it. Nothing to do on one node,
+    or when the folder is shared."""
     with local_main_first():
-        if checkpoint is None or checkpoint_uri is None or Path(checkpoint).is_dir():
+        from job.train.checkpoints import fetch_checkpoint, is_complete
+
+        if checkpoint is None or checkpoint_uri is None or is_complete(checkpoint):
             return
+        from pathlib import Path
+
         from job.storage.objects import join
-        from job.train.checkpoints import fetch_checkpoint
 
         target = Path(checkpoint)
         fetch_checkpoint(join(checkpoint_uri, target.name), target.parent)

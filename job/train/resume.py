@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,17 @@ class RunPlan:
     """Local checkpoint folder to resume from, or None to start at step 0."""
     publish_only: bool = False
     """The run finished here earlier but its publish did not complete: publish it, train nothing."""
+
+    def here(self) -> RunPlan:
+        """This plan with the run folder, and a checkpoint inside it, under this machine's own staging root
+        (`FINETUNE_WORK_DIR`): rank 0 made the plan, and nodes that share no disk need not share that path."""
+        path = staging_root(self.cfg) / self.run.run_id
+        if path == self.run.path:
+            return self
+        checkpoint = self.checkpoint
+        if checkpoint is not None and Path(checkpoint).is_relative_to(self.run.path):
+            checkpoint = str(path / Path(checkpoint).relative_to(self.run.path))
+        return replace(self, run=RunFolder(run_id=self.run.run_id, path=path), checkpoint=checkpoint)
 
 
 def plan_run(cfg: JobConfig, resume: str, overwrite: bool) -> RunPlan:

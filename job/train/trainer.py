@@ -111,7 +111,30 @@ def _callbacks(run: RunFolder, counter: PaddedTokenCounter, preemption: Preempti
         def on_save(self, args, state, control, **kwargs):
             distributed.barrier()
 
-    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier()]
+    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier(), _process_count()]
+
+
+def _process_count() -> Any:
+    """A callback that records the number of processes in every checkpoint's trainer_state.json, which rank 0
+    writes (transformers' ExportableState: `stateful_callbacks["ProcessCount"]`); see
+    `distributed.checkpoint_world_size`. On several nodes rank 0's folder lacks the other nodes' RNG files, so
+    counting them there would be wrong."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class ProcessCount(TrainerCallback, ExportableState):
+        def __init__(self, world_size: int) -> None:
+            self.world_size = world_size
+
+        def state(self) -> dict[str, Any]:
+            return {"args": {"world_size": self.world_size}, "attributes": {}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # A checkpoint saved before the count was recorded has no entry, which the Trainer's save expects.
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+    assert ProcessCount.__name__ == distributed.WORLD_SIZE_STATE
+    return ProcessCount(distributed.world_size())
 
 
 def _optimizer(cfg: JobConfig, quantized: bool, cuda: bool) -> str:
@@ -277,13 +300,17 @@ def train(
         started = time.monotonic()
         output = trainer.train(resume_from_checkpoint=checkpoint)
         train_seconds = time.monotonic() - started
-        if preemption.requested and trainer.state.global_step < trainer.state.max_steps:
+        # Every rank stops if any was asked to, also when the SIGTERM came during the last step (whose checkpoint
+        # the Trainer saves anyway): evaluation would not finish within the grace period.
+        if distributed.any_rank(preemption.requested):
             if cfg.training.checkpoint_uri:
                 mirror.wait()
             distributed.barrier()  # the ranks exit together, after rank 0 has mirrored the checkpoint
+            step, last = trainer.state.global_step, trainer.state.max_steps
+            rest = "continue" if step < last else "evaluate and publish (training is complete)"
             raise PreemptedError(
-                f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
-                f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to continue"
+                f"stopped by SIGTERM at step {step}; checkpoint saved in "
+                f"{cfg.training.checkpoint_uri or run.path / 'checkpoints'}; rerun with --resume auto to {rest}"
             )
     adapter_dir = run.path / "adapter"
     trainer.save_model(str(adapter_dir))  # on every rank: under FSDP the ranks gather the weights together
