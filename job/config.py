@@ -63,6 +63,9 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Share of rows held out for evaluation when the source has a single split."""
     seed: int = 42
+    strict: bool = False
+    """A JSON line of a data file that is not UTF-8, not JSON or not an object fails the run (naming file, line and
+    cause) instead of being dropped and counted like other bad rows (`not_utf8`, `not_json`, `not_an_object`)."""
 
 
 class TrainingConfig(_Section):
