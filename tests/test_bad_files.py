@@ -4,6 +4,9 @@ broken lines of training data are dropped and counted like other bad rows unless
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,25 @@ def test_an_empty_data_file_is_one_line(capsys, tmp_path, tiny_model, content):
     code, _, err = _prepare(capsys, tiny_model, source, tmp_path / "prepared")
     one_line_error(code, err, EXIT_MISSING_INPUT, f"data.source {source}: empty file (no rows)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "cause"),
+    [("rows.csv", b"id,sql_prompt,sql_context,sql\n1,q,c,s\n2,caf\xe9,c,s\n", "rows.csv:3: not UTF-8 (byte 0xe9)"),
+     ("rows.parquet", b"PAR1 not parquet", "cannot read as parquet: ArrowInvalid: Parquet magic bytes not found")],
+)
+def test_a_corrupt_csv_or_parquet_file_is_one_line(tmp_path, tiny_model, name, content, cause):
+    """As a user runs it (a subprocess: datasets' own error log goes to the real stderr)."""
+    source = tmp_path / name
+    source.write_bytes(content)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_") or k == "FINETUNE_CACHE_DIR"}
+    result = subprocess.run(
+        [sys.executable, "-m", "job", "prepare", *sets(f"model.name={tiny_model}", f"data.source={source}"),
+         "--output", str(tmp_path / "prepared")], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == EXIT_MISSING_INPUT, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and cause in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "prepared").exists()
 
 
 def test_a_json_array_file_and_a_bom_are_read(capsys, tmp_path, tiny_model, rows):

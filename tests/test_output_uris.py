@@ -126,6 +126,8 @@ def test_every_output_option_refuses_a_uri_it_cannot_use(capsys, tmp_path, monke
                                                           sample_path, lora_run):
     monkeypatch.chdir(tmp_path)
     commands = [
+        ["run", "--output", uri],
+        ["train", *sets(f"training.checkpoint_uri={uri}")],
         ["score", "--predictions", str(predictions), "--rows", str(sample_path), "--output", uri],
         ["prepare", *sets(f"data.source={sample_path}"), "--output", uri],
         ["evaluate", "--base-only", "--output", uri],
@@ -136,7 +138,7 @@ def test_every_output_option_refuses_a_uri_it_cannot_use(capsys, tmp_path, monke
     ]
     for args in commands:
         code, out, err = run_cli(capsys, *args)
-        one_line_error(code, err, EXIT_USAGE, uri)
+        one_line_error(code, err, EXIT_USAGE, uri if args[0] != "train" else "training.checkpoint_uri")
         assert out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 

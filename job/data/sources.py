@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -110,6 +111,9 @@ def load_source(source: str, *, strict: bool = False, option: str = "data.source
                 raise CorruptInputError(f"{option} {name}: empty file (no rows)")
         if file_format == "json":
             return {split: _json_rows(names, strict, option) for split, names in _split_files(files).items()}
+        if file_format == "csv":
+            for name in files:
+                _check_utf8(Path(name), option)
         try:
             loaded = datasets.load_dataset(file_format, data_files=_split_files(files))
         except Exception as exc:
@@ -119,6 +123,23 @@ def load_source(source: str, *, strict: bool = False, option: str = "data.source
         return dict(datasets.load_dataset(source))
     except Exception as exc:
         raise MissingInputError(f"data.source {source}: cannot load the Hub dataset: {_first_line(exc)}") from None
+
+
+def _check_utf8(path: Path, option: str) -> None:
+    """A text file is UTF-8 throughout, else CorruptInputError naming its line and byte (read in blocks)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:  # exc.object: this block, after bytes held over from the last one
+                where = line + exc.object.count(b"\n", 0, exc.start)
+                raise CorruptInputError(
+                    f"{option} {path}:{where}: not UTF-8 (byte 0x{exc.object[exc.start]:02x})") from None
+            if not block:
+                return
+            line += block.count(b"\n")
 
 
 def _is_empty(path: Path) -> bool:
@@ -172,6 +193,9 @@ def _json_records(path: Path, option: str) -> Iterator[tuple[int, Any]]:
 
 
 def _first_line(exc: BaseException) -> str:
+    """The root cause's type and first line (datasets wraps what went wrong in a generic error)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 

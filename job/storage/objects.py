@@ -44,6 +44,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
+from job.config import destination_problem
 from job.errors import ConfigError, CorruptInputError, JobError, MissingInputError
 
 logger = logging.getLogger(__name__)
@@ -74,14 +75,10 @@ def check_destination(uri: str, option: str, *, remote: bool = True) -> str:
     """`uri` if results can be written there: a local path, a `file://` URI or (when `remote`) s3://bucket/prefix.
     Anything else (`gs://...`, `S3://...`, `s3://` without a bucket) is a ConfigError (exit 2) before anything
     is written, never a local folder named like the URI."""
-    scheme = _SCHEME.match(uri)
-    if scheme and scheme.group(0) not in (S3_SCHEME, FILE_SCHEME):
-        raise ConfigError(f"{option} {uri}: unsupported URI scheme {scheme.group(1)!r}; use a local path, "
-                          "file:// or s3://bucket/prefix (lower case)")
-    if is_remote(uri):
-        if not remote:
-            raise ConfigError(f"{option} {uri}: must be a local folder")
-        split_s3(uri)
+    if (problem := destination_problem(uri)) is not None:
+        raise ConfigError(f"{option} {uri}: {problem}")
+    if is_remote(uri) and not remote:
+        raise ConfigError(f"{option} {uri}: must be a local folder")
     return uri
 
 
