@@ -259,15 +259,15 @@ def _echo_metrics(metrics: dict[str, Any]) -> None:
 
 @cli.command()
 @_config_options
-@click.option("--predictions", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help='JSON lines, one {"id": ..., "sql": ...} per row.')
+@click.option("--predictions", required=True, metavar="FILE_OR_URI",
+              help='JSON lines (a file or an s3:// object), one {"id": ..., "sql": ...} per row.')
 @click.option("--rows", "rows_source", metavar="FILE_OR_URI",
               help="Dataset file holding the rows the predictions name (default: data.source).")
 @click.option("--output", metavar="DIR_OR_URI",
               help="Folder or s3:// URI for metrics.json and scored.jsonl (manifest.json last).")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --output.")
 def score(
-    config_name: str, overrides: tuple[str, ...], predictions: Path, rows_source: str | None, output: str | None,
+    config_name: str, overrides: tuple[str, ...], predictions: str, rows_source: str | None, output: str | None,
     overwrite: bool,
 ) -> None:
     """Score existing predictions against their dataset rows by executing both on each row's test suite."""
@@ -278,7 +278,7 @@ def score(
     cfg = _load(config_name, overrides)
     if output:
         _check_output(output, "metrics.json", overwrite)
-    check_input(str(predictions), "--predictions")
+    check_input(predictions, "--predictions")
     if rows_source:
         check_input(rows_source, "--rows")
     with _stop_on_sigterm():
@@ -408,16 +408,17 @@ def export(run_or_adapter: str, output: str, dtype: str, export_format: str) -> 
 
 @cli.command()
 @click.option("--run", "run_uri", required=True, help="Run or adapter folder, local or s3://.")
-@click.option("--schema", "schema_path", type=click.Path(path_type=Path),
-              help="SQL file with the CREATE TABLE (and INSERT) statements the questions are about.")
-@click.option("--file", "questions_file", type=click.Path(path_type=Path),
-              help='JSON lines {"question": ..., optional "id", "schema"}: answered in batches, one JSON line each.')
+@click.option("--schema", "schema_path", metavar="FILE",
+              help="Local SQL file with the CREATE TABLE (and INSERT) statements the questions are about.")
+@click.option("--file", "questions_file", metavar="FILE",
+              help='Local JSON lines {"question": ..., optional "id", "schema"}: answered in batches, one JSON line '
+                   'each.')
 @click.option("--execute", is_flag=True, help="Run the SQL in the in-memory sandbox on the schema's data.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.argument("question", required=False)
 def ask(
-    run_uri: str, schema_path: Path | None, questions_file: Path | None, execute: bool, max_new_tokens: int,
+    run_uri: str, schema_path: str | None, questions_file: str | None, execute: bool, max_new_tokens: int,
     batch_size: int, question: str | None,
 ) -> None:
     """Answer QUESTION (or --file's questions) about --schema with a run's model; print the SQL."""
@@ -425,17 +426,15 @@ def ask(
 
     from job.after.ask import answer, as_rows, format_table, load_model, read_questions
     from job.after.source import open_run_source
-    from job.storage.objects import check_input, decode_utf8
+    from job.storage.objects import check_input, decode_utf8, local_input
 
     if bool(question) == bool(questions_file):
         raise ConfigError('give exactly one of a QUESTION argument and --file questions.jsonl')
     check_input(run_uri, "--run")
     schema = ""
     if schema_path is not None:
-        if not schema_path.is_file():
-            raise ConfigError(f"--schema {schema_path}: no such file")
-        schema = decode_utf8(schema_path.read_bytes(), f"--schema {schema_path}")
-    questions = read_questions(questions_file) if questions_file else [{"question": question}]
+        schema = decode_utf8(local_input(schema_path, "--schema").read_bytes(), f"--schema {schema_path}")
+    questions = read_questions(local_input(questions_file, "--file")) if questions_file else [{"question": question}]
     if not schema.strip() and not all(q.get("schema") for q in questions):
         raise ConfigError("--schema schema.sql is required (or a \"schema\" in every --file line)")
     source = open_run_source(run_uri, "--run")

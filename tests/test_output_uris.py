@@ -150,3 +150,23 @@ def test_local_destinations_accept_file_uris(capsys, tmp_path, predictions, samp
     assert {f["path"] for f in manifest["files"]} == {"metrics.json", "scored.jsonl"}
     assert storage.sha256_file(tmp_path / "scored" / "scored.jsonl") == next(
         f["sha256"] for f in manifest["files"] if f["path"] == "scored.jsonl")
+
+
+def test_score_reads_predictions_from_s3_and_ask_refuses_remote_schema(capsys, tmp_path, monkeypatch, predictions,
+                                                                        sample_path, lora_run, s3_bucket, s3_client):
+    monkeypatch.chdir(tmp_path)
+    s3_client.upload_file(str(predictions), s3_bucket, "preds/p.jsonl")
+    code, out, err = _score(capsys, predictions, sample_path)
+    assert code == 0, err
+    local = out
+    code, out, err = run_cli(capsys, "score", "--predictions", f"s3://{s3_bucket}/preds/p.jsonl", "--rows",
+                             str(sample_path), *sets("evaluation.test_suite_size=0", "evaluation.workers=1"))
+    assert code == 0, err
+    assert out == local  # the same predictions, the same scores
+    code, _, err = run_cli(capsys, "score", "--predictions", f"s3://{s3_bucket}/preds/none.jsonl")
+    assert code == 3 and "s3://" in err and "no such object" in err
+    for option in ("--schema", "--file"):
+        code, out, err = run_cli(capsys, "ask", "--run", str(lora_run), option, f"s3://{s3_bucket}/s.sql",
+                                 *([] if option == "--file" else ["q"]))
+        one_line_error(code, err, EXIT_USAGE, f"{option} s3://{s3_bucket}/s.sql: must be a local file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]

@@ -20,28 +20,35 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             fh.write(json.dumps(record, default=str) + "\n")
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Predictions as JSON lines with at least `id` and `sql`, one per id. A missing file is a usage error
-    (exit 2); an empty file, a bad line or a second prediction for an id is a corrupt input (exit 3) naming
-    the line."""
+def read_predictions(source: str | Path) -> list[dict[str, Any]]:
+    """Predictions as JSON lines (a local file or an s3:// object) with at least `id` and `sql`, one per id. A
+    missing local file is a usage error (exit 2); an empty file, a bad line or a second prediction for an id is
+    a corrupt input (exit 3) naming the line."""
     from job.evaluation.scoring import id_key
+    from job.settings import cache_root
+    from job.storage import objects as storage
 
-    if not path.is_file():
-        raise ConfigError(f"--predictions {path}: no such file")
+    source = str(source)
+    if storage.is_remote(source):
+        path = storage.fetch_to_cache(source, cache_root() / "predictions")
+    else:
+        path = storage.local_path(source)
+        if not path.is_file():
+            raise ConfigError(f"--predictions {source}: no such file")
     predictions, lines = [], {}
     for number, record in json_lines(path):
         if isinstance(record, BadLine):
-            raise CorruptInputError(f"--predictions {path}:{number}: {record.detail}")
+            raise CorruptInputError(f"--predictions {source}:{number}: {record.detail}")
         if "id" not in record or not isinstance(record.get("sql", ""), str) or isinstance(record["id"], (dict, list)):
-            raise CorruptInputError(f'--predictions {path}:{number}: expected {{"id": ..., "sql": "..."}}')
+            raise CorruptInputError(f'--predictions {source}:{number}: expected {{"id": ..., "sql": "..."}}')
         key = id_key(record["id"])
         if key in lines:
-            raise CorruptInputError(f"--predictions {path}:{number}: a second prediction for id {record['id']!r} "
-                                    f"(the first is on line {lines[key]})")
+            raise CorruptInputError(f"--predictions {source}:{number}: a second prediction for id "
+                                    f"{record['id']!r} (the first is on line {lines[key]})")
         lines[key] = number
         predictions.append(record)
     if not predictions:
-        raise CorruptInputError(f"--predictions {path}: no predictions (the file is empty)")
+        raise CorruptInputError(f"--predictions {source}: no predictions (the file is empty)")
     return predictions
 
 
@@ -79,14 +86,14 @@ def read_rows(source: str) -> list[dict[str, Any]]:
 
 
 def score_file(
-    cfg: JobConfig, predictions_path: Path, rows_source: str | None = None
+    cfg: JobConfig, predictions_source: str | Path, rows_source: str | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(metrics, per-row records) of a predictions file scored against the rows it names: of `rows_source` when
-    given, else of `data.source`."""
+    """(metrics, per-row records) of a predictions file (local or s3://) scored against the rows it names: of
+    `rows_source` when given, else of `data.source`."""
     from job.data.sources import SplitReport, load_source, validate_rows
     from job.evaluation.scoring import score_models
 
-    predictions = read_predictions(predictions_path)
+    predictions = read_predictions(predictions_source)
     by_id: dict[str, dict[str, Any]] = {}
     if rows_source:
         by_id = {_key(row["id"]): row for row in read_rows(rows_source)}

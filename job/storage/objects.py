@@ -120,6 +120,17 @@ def _folder_key(key: str) -> str:
     return key.strip("/") + "/" if key.strip("/") else ""
 
 
+def local_input(uri: str, option: str) -> Path:
+    """A local file the user names for an option that reads only local files: exit 2 for an s3:// or other URI
+    and for a path that is not a file."""
+    if is_remote(uri) or (_SCHEME.match(uri) and not uri.startswith(FILE_SCHEME)):
+        raise ConfigError(f"{option} {uri}: must be a local file")
+    path = local_path(uri)
+    if not path.is_file():
+        raise ConfigError(f"{option} {uri}: no such file")
+    return path
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
