@@ -49,9 +49,15 @@ def _parse(number: int, line: str) -> Any:
         return BadLine(number, "not_json", f"not JSON ({exc.msg} at column {exc.colno})")
     except RecursionError:
         return BadLine(number, "not_json", "not JSON this job reads (nested too deeply)")
+    return checked_object(number, value, "\\u" in line)
+
+
+def checked_object(number: int, value: Any, escapes: bool = True) -> Any:
+    """`value` if it is a JSON object of real text, else the BadLine saying why (`escapes`: it may hold an
+    escaped lone surrogate, `"\\ud800"`, which decodes to no text; checked only then, as it costs a dump)."""
     if not isinstance(value, dict):
         return BadLine(number, "not_an_object", f"expected a JSON object, got {type(value).__name__}")
-    if "\\u" in line:
+    if escapes:
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

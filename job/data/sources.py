@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from job.config import DataConfig
-from job.data.jsonl import BadLine, json_lines
+from job.data.jsonl import BadLine, checked_object, json_lines
 from job.errors import ConfigError, CorruptInputError, MissingInputError
 from job.settings import cache_root
 
@@ -172,7 +172,8 @@ def _json_rows(files: list[str], strict: bool, option: str) -> Rows:
 
 def _json_records(path: Path, option: str) -> Iterator[tuple[int, Any]]:
     """(line, record or BadLine): JSON lines, or the elements of a `.json` file whose text is one array."""
-    head = path.read_bytes()[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if path.suffix.lower() != ".json" or not head.startswith(b"["):
         yield from json_lines(path)
         return
@@ -187,9 +188,8 @@ def _json_records(path: Path, option: str) -> Iterator[tuple[int, Any]]:
                                 ) from None
     if not isinstance(document, list):
         raise CorruptInputError(f"{option} {path}: expected an array of row objects or JSON lines")
-    for index, element in enumerate(document, start=1):
-        yield index, element if isinstance(element, dict) else BadLine(
-            index, "not_an_object", f"element {index} is a {type(element).__name__}, not an object")
+    for index, element in enumerate(document, start=1):  # "line" numbers are element numbers here
+        yield index, checked_object(index, element, "\\u" in text)
 
 
 def _first_line(exc: BaseException) -> str:
