@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,25 @@ from job.errors import ConfigError
 from job.settings import PRESET_PACKAGE
 
 ENV_PREFIX = "FINETUNE_"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def destination_problem(uri: str) -> str | None:
+    """Why results cannot be written to `uri` (a local path, `file://` or `s3://bucket/prefix`), or None: the one
+    rule for `output.uri`, `training.checkpoint_uri` and every `--output`."""
+    scheme = _SCHEME.match(uri)
+    if scheme and scheme.group(0) not in ("s3://", "file://"):
+        return (f"unsupported URI scheme {scheme.group(1)!r}; use a local path, file:// or s3://bucket/prefix "
+                "(lower case)")
+    if uri.startswith("s3://") and not uri.removeprefix("s3://").split("/", 1)[0]:
+        return "expected s3://bucket/prefix"
+    return None
+
+
+def _writable(value: str | None) -> str | None:
+    if value is not None and (problem := destination_problem(value)):
+        raise ValueError(problem)
+    return value
 
 
 class _Section(BaseModel):
@@ -66,6 +86,9 @@ class DataConfig(_Section):
     eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     """Share of rows held out for evaluation when the source has a single split."""
     seed: int = 42
+    strict: bool = False
+    """A JSON line of a data file that is not UTF-8, not JSON or not an object fails the run (naming file, line and
+    cause) instead of being dropped and counted like other bad rows (`not_utf8`, `not_json`, `not_an_object`)."""
 
 
 class TrainingConfig(_Section):
@@ -113,6 +136,11 @@ class TrainingConfig(_Section):
             )
         return self
 
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_uri_writable(cls, value: str | None) -> str | None:
+        return _writable(value)
+
     @field_validator("report_to")
     @classmethod
     def _tracker_installed(cls, value: str) -> str:
@@ -151,6 +179,11 @@ class OutputConfig(_Section):
     uri: str = "./runs"
     """Local folder, `file://` URI or `s3://bucket/prefix`; each run writes to `<uri>/<run_id>/`."""
     run_id: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_writable(cls, value: str) -> str:
+        return _writable(value)
 
     @field_validator("run_id")
     @classmethod

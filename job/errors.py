@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_USAGE = 2
@@ -27,7 +29,26 @@ class MissingInputError(JobError):
     exit_code = EXIT_MISSING_INPUT
 
 
+class CorruptInputError(JobError):
+    """An input that exists but is not what it must be: bytes that are not UTF-8, a line that is not JSON or
+    lacks its fields, an empty file, a manifest whose entries do not check out."""
+
+    exit_code = EXIT_MISSING_INPUT
+
+
 class PreemptedError(JobError):
     """Training stopped on SIGTERM after saving a checkpoint."""
 
     exit_code = EXIT_PREEMPTED
+
+
+_URL_CREDENTIALS = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s'\"]*@")
+"""Up to the last `@` of the word: a password may hold `/` or `@` (over-redacting a path is harmless)."""
+_SESSION_TOKEN = re.compile(r"((?:X-Amz-Security-Token|x-amz-security-token|aws_session_token)['\"]?\s*[:=]\s*b?['\"]?)"
+                            r"[A-Za-z0-9/+=%]{16,}")
+
+
+def redact(text: str) -> str:
+    """`text` without credentials a URL can carry (`scheme://user:password@host` -> `scheme://***@host`) or an
+    AWS session token: for every line the job prints or logs."""
+    return _SESSION_TOKEN.sub(r"\1***", _URL_CREDENTIALS.sub(r"\1***@", text))

@@ -6,12 +6,21 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from tiny import CHATML_TEMPLATE, SAMPLE, build_model_dir
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests: no example database written into the repository, no per-example deadline on a busy machine;
+# each test sets its own (small) max_examples.
+settings.register_profile(
+    "finetune", database=None, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "finetune"))
 
 
 @pytest.fixture(scope="session")

@@ -36,9 +36,9 @@ def test_list_and_pull_runs_from_s3(s3_bucket: str, tmp_path: Path) -> None:
 
     runs = list_runs(root)
     assert [r["run_id"] for r in runs] == ["run-a", "run-b", "run-c"]
-    assert runs[0] == {"run_id": "run-a", "uri": f"{root}/run-a", "complete": True, "status": "completed",
-                       "metrics": {"execution_accuracy": 0.5}, "started_at": "2025-01-01T00:00:00+00:00",
-                       "ended_at": "2025-01-01T01:00:00+00:00"}
+    assert runs[0] == {"run_id": "run-a", "uri": f"{root}/run-a", "complete": True, "problem": None,
+                       "status": "completed", "metrics": {"execution_accuracy": 0.5},
+                       "started_at": "2025-01-01T00:00:00+00:00", "ended_at": "2025-01-01T01:00:00+00:00"}
     assert runs[1]["status"] == "failed" and runs[1]["metrics"] == {}
     assert runs[2]["complete"] is False and runs[2]["status"] is None
     assert list_runs(f"s3://{s3_bucket}/nothing") == []

@@ -97,16 +97,22 @@ def test_bad_input_is_one_line(capsys, tmp_path, lora_run):
     base = ["ask", "--run", str(lora_run)]
     cases = [
         ([*base, "How many?"], EXIT_USAGE, "--schema"),
-        ([*base, "--schema", str(tmp_path / "none.sql"), "q"], EXIT_MISSING_INPUT, "no such file"),
+        # a local path the user typed that does not exist: usage error (exit 2), like data.source
+        ([*base, "--schema", str(tmp_path / "none.sql"), "q"], EXIT_USAGE, "no such file"),
         ([*base, "--schema", str(schema)], EXIT_USAGE, "exactly one of"),
-        (["ask", "--run", str(tmp_path / "nope"), "--schema", str(schema), "q"], EXIT_MISSING_INPUT, "no such folder"),
-        ([*base, "--schema", str(schema), "--file", str(tmp_path / "q.jsonl")], EXIT_MISSING_INPUT, "no such file"),
+        (["ask", "--run", str(tmp_path / "nope"), "--schema", str(schema), "q"], EXIT_USAGE, "no such file or folder"),
+        ([*base, "--schema", str(schema), "--file", str(tmp_path / "q.jsonl")], EXIT_USAGE, "no such file"),
     ]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "ok"}\nnot json\n')
-    cases.append(([*base, "--schema", str(schema), "--file", str(bad)], EXIT_USAGE, "bad.jsonl:2: not JSON"))
+    bad.write_text('{"question": "ok"}\nnot json\n')  # a corrupt input: exit 3, naming the line and the cause
+    cases.append(([*base, "--schema", str(schema), "--file", str(bad)], EXIT_MISSING_INPUT,
+                  "bad.jsonl:2: not JSON (Expecting value at column 1)"))
+    latin1 = tmp_path / "latin1.sql"
+    latin1.write_bytes(b"CREATE TABLE caf\xe9 (a INT);")
+    cases.append(([*base, "--schema", str(latin1), "q"], EXIT_MISSING_INPUT, "latin1.sql:1: not UTF-8 text"))
     for args, expected_code, text in cases:
         code, stdout, stderr = run_cli(capsys, *args)
         one_line_error(code, stderr, expected_code, text)
         assert stdout == ""
     assert Path(schema).read_text() == "CREATE TABLE t (a INT);"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "latin1.sql", "schema.sql"]  # nothing written

@@ -77,10 +77,14 @@ def test_bad_input_is_one_line_and_keeps_the_existing_table(capsys, tmp_path):
     assert out.read_text() == "keep"
     code, _, stderr = run_cli(capsys, "compare", str(new), str(tmp_path / "missing"), "--output", str(out),
                               "--overwrite")
+    one_line_error(code, stderr, EXIT_USAGE, "missing: no such file or folder")  # a local path typed: exit 2
+    (tmp_path / "unfinished").mkdir()
+    code, _, stderr = run_cli(capsys, "compare", str(new), str(tmp_path / "unfinished"), "--output", str(out),
+                              "--overwrite")
     one_line_error(code, stderr, EXIT_MISSING_INPUT, "no manifest.json")
-    (old / "manifest.json").write_text("{broken")
+    (old / "manifest.json").write_text("{broken")  # a corrupt input: exit 3
     code, _, stderr = run_cli(capsys, "compare", str(new), str(old), "--output", str(out), "--overwrite")
-    one_line_error(code, stderr, EXIT_USAGE, "not valid JSON")
+    one_line_error(code, stderr, EXIT_MISSING_INPUT, "manifest.json: not valid JSON (line 1")
     assert out.read_text() == "keep"
     code, _, stderr = run_cli(capsys, "compare", "--output", str(out))
     assert code == EXIT_USAGE and "Missing argument" in stderr

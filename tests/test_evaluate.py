@@ -70,9 +70,9 @@ def test_score_rejects_unknown_ids_and_bad_lines(capsys, tmp_path, sample_path):
     bad.write_text('{"id": -12345, "sql": "SELECT 1"}\n')
     code, _, err = run_cli(capsys, "score", "--predictions", str(bad), *sets(f"data.source={sample_path}"))
     assert code == 2 and "-12345" in err
-    bad.write_text("not json\n")
+    bad.write_text("not json\n")  # a corrupt input: exit 3, naming the line and the cause
     code, _, err = run_cli(capsys, "score", "--predictions", str(bad), *sets(f"data.source={sample_path}"))
-    assert code == 2 and ":1: not JSON" in err
+    assert code == 3 and ":1: not JSON (Expecting value at column 1)" in err
 
 
 def test_run_reports_base_and_tuned_side_by_side(capsys, tmp_path, tiny_model, sample_path):

@@ -13,7 +13,7 @@ from after_fixtures import one_line_error, train_rows
 from cli_runner import run_cli
 
 from job.data.prompts import ChatFormatter
-from job.errors import EXIT_MISSING_INPUT, EXIT_USAGE
+from job.errors import EXIT_USAGE
 
 ROW = {"sql_context": "CREATE TABLE t (a INT);", "sql_prompt": "How many rows?", "sql": ""}
 
@@ -173,7 +173,8 @@ def test_bad_input_exits_with_one_line_and_overwrites_nothing(capsys, tmp_path, 
     assert not out.exists()
 
     code, _, stderr = run_cli(capsys, "export", str(tmp_path / "nope"), "--output", str(out))
-    one_line_error(code, stderr, EXIT_MISSING_INPUT, "no such folder")
+    one_line_error(code, stderr, EXIT_USAGE, "RUN_OR_ADAPTER")  # a local path the user typed: exit 2
+    assert "no such file or folder" in stderr
 
     code, _, stderr = run_cli(capsys, "export", str(tmp_path), "--output", str(out))
     one_line_error(code, stderr, EXIT_USAGE, "not a run folder")

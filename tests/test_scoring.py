@@ -23,7 +23,7 @@ CONTEXT = (
 TIMEOUT = 0.5
 METRIC_KEYS = ["n_rows", "n_gold_failed", "n_scored", "execution_accuracy", "execution_accuracy_single_db",
                "exact_match", "normalized_match", "valid_sql_rate", "empty_rate", "runaway_rate", "n_gold_transpiled",
-               "n_context_transpiled", "n_pred_transpiled", "n_trivial", "ci95"]
+               "n_context_transpiled", "n_pred_transpiled", "n_trivial", "n_scoring_errors", "ci95"]
 
 
 def row(gold: str, row_id: object = 1, **extra: str) -> dict:
@@ -51,6 +51,7 @@ def test_gold_as_prediction_matches_every_runnable_row_of_the_shipped_sample(sam
     assert list(metrics) == [*METRIC_KEYS, "test_suite", "fixed_now", "by_complexity", "by_task_type", "by_domain"]
     failed = [r for r in records if r["gold_error"]]
     assert metrics["n_rows"] == 400
+    assert metrics["n_scoring_errors"] == 0 and not any(r["scoring_error"] for r in records)
     # 312 of 400 gold queries run as written; sqlglot rewrites and MySQL-compatible functions recover 48 more;
     # the 40 left name missing tables/columns, are ambiguous, invalid, or random (see the report's list)
     assert metrics["n_gold_failed"] == len(failed) == 40

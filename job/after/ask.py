@@ -8,19 +8,19 @@ from typing import Any
 
 from job.after.source import RunSource
 from job.data.jsonl import read_records
-from job.errors import ConfigError, JobError, MissingInputError
+from job.errors import ConfigError, CorruptInputError, JobError
 
 
 def read_questions(path: Path) -> list[dict[str, Any]]:
     """JSON lines, each {"question": "...", optional "id" and "schema" (schema text for that question)}."""
     if not path.is_file():
-        raise MissingInputError(f"--file {path}: no such file")
+        raise ConfigError(f"--file {path}: no such file")
     questions = read_records(
-        path, "--file", lambda r: isinstance(r, dict) and isinstance(r.get("question"), str) and bool(r["question"]),
-        '{"question": "..."}',
+        path, "--file", lambda r: isinstance(r.get("question"), str) and bool(r["question"]) and isinstance(
+            r.get("schema", ""), (str, type(None))), '{"question": "...", optional "schema": "..."}',
     )
     if not questions:
-        raise ConfigError(f"--file {path}: no questions")
+        raise CorruptInputError(f"--file {path}: no questions (the file is empty)")
     return questions
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from job.errors import ConfigError, MissingInputError
+from job.errors import MissingInputError
 from job.settings import MANIFEST
 from job.storage import objects as storage
+from job.storage.publish import read_checked_manifest
 
 TRAIN_LOG = "logs/train_log.jsonl"
 IGNORED_CONFIG = {"output.uri", "output.run_id", "training.checkpoint_uri"}
@@ -18,20 +19,26 @@ MISSING = "-"
 def load_run(uri: str) -> dict[str, Any]:
     """A run's manifest and training log; one-line errors when the run is missing or not finished."""
     uri = uri.rstrip("/") or uri
-    try:
-        text = storage.read_text(storage.join(uri, MANIFEST))
-    except storage.NotFound:
-        raise MissingInputError(f"{uri}: no {MANIFEST} (not a run, or not finished/published yet)") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError:
-        raise ConfigError(f"{uri}/{MANIFEST}: not valid JSON") from None
-    if not isinstance(manifest, dict):
-        raise ConfigError(f"{uri}/{MANIFEST}: not a run manifest")
+    manifest = read_checked_manifest(storage.join(uri, MANIFEST))
+    if manifest is None:
+        raise MissingInputError(f"{uri}: no {MANIFEST} (not a run, or not finished/published yet)")
     log: list[dict[str, Any]] = []
-    if any(f.get("path") == TRAIN_LOG for f in manifest.get("files", [])):
-        log = [json.loads(line) for line in storage.read_text(storage.join(uri, TRAIN_LOG)).splitlines() if line]
+    if any(f["path"] == TRAIN_LOG for f in manifest["files"]):
+        log = _log_entries(storage.read_text(storage.join(uri, TRAIN_LOG)))
     return {"uri": uri, "manifest": manifest, "train_log": log}
+
+
+def _log_entries(text: str) -> list[dict[str, Any]]:
+    """The training log's entries; a line that is not a JSON object (a log cut short) is left out."""
+    entries = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -85,8 +92,8 @@ def training_cells(run: dict[str, Any]) -> dict[str, str]:
 def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(label, one cell per run) rows: identity, config differences, training, accuracy with intervals."""
     manifests = [run["manifest"] for run in runs]
-    tuned = [(m.get("metrics") or {}).get("tuned") or {} for m in manifests]
-    base = [(m.get("metrics") or {}).get("base") or {} for m in manifests]
+    tuned = [_mapping(_mapping(m.get("metrics")).get("tuned")) for m in manifests]
+    base = [_mapping(_mapping(m.get("metrics")).get("base")) for m in manifests]
     rows: list[tuple[str, list[str]]] = [
         ("status", [str(m.get("status") or MISSING) for m in manifests]),
         ("ended", [str(m.get("ended_at") or MISSING) for m in manifests]),
@@ -103,6 +110,10 @@ def comparison_rows(runs: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("scored rows (tuned)", [str(m.get("n_scored", MISSING)) for m in tuned]),
     ]
     return rows
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:

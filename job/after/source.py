@@ -13,6 +13,7 @@ from job.config import ModelConfig
 from job.errors import ConfigError, MissingInputError
 from job.settings import CONFIG_FILE, MANIFEST, cache_root
 from job.storage import objects as storage
+from job.storage.publish import read_checked_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -76,7 +77,7 @@ def open_run_source(uri: str, option: str = "RUN") -> RunSource:
     else:
         path = storage.local_path(uri)
         if not path.exists():
-            raise MissingInputError(f"{option} {uri}: no such folder")
+            raise ConfigError(f"{option} {uri}: no such folder")
         if (path / "adapter" / ADAPTER_CONFIG).is_file():
             adapter_dir, run_uri = path / "adapter", uri
         elif (path / ADAPTER_CONFIG).is_file():
@@ -87,6 +88,5 @@ def open_run_source(uri: str, option: str = "RUN") -> RunSource:
     model = manifest = None
     if run_uri is not None:
         model = _read_model_config(_read_optional(storage.join(run_uri, CONFIG_FILE)), f"{option} {uri}")
-        text = _read_optional(storage.join(run_uri, MANIFEST))
-        manifest = json.loads(text) if text else None
+        manifest = read_checked_manifest(storage.join(run_uri, MANIFEST))
     return RunSource(uri=uri, adapter_dir=adapter_dir, model=model, manifest=manifest)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
+import logging
 import math
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from job.config import DataConfig
-from job.errors import ConfigError, MissingInputError
+from job.data.jsonl import BadLine, checked_object, json_lines
+from job.errors import ConfigError, CorruptInputError, MissingInputError
 from job.settings import cache_root
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("sql_prompt", "sql_context", "sql")
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -74,9 +81,21 @@ def check_source(source: str) -> None:
         raise ConfigError(f"data.source {source}: no such file or folder")
 
 
-def load_source(source: str) -> dict[str, Any]:
-    """Split name -> `datasets.Dataset`, from a Hub dataset id, local file(s) or an s3:// object or prefix (fetched
-    once into `<cache root>/data`)."""
+class Rows(list):
+    """A split's rows read from JSON files, with the lines that could not be rows counted by reason (`broken`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken: Counter = Counter()
+
+
+def load_source(source: str, *, strict: bool = False, option: str = "data.source") -> dict[str, Any]:
+    """Split name -> rows (`datasets.Dataset`, or `Rows` for JSON files), from a Hub dataset id, local file(s) or
+    an s3:// object or prefix (fetched once into `<cache root>/data`).
+
+    A JSON line that is not UTF-8, not JSON or not an object is dropped and counted by reason (see
+    `validate_rows`), or with `strict` fails the load naming file, line and cause; an empty file always fails.
+    Unreadable files are CorruptInputError (exit 3); messages start with `option`."""
     import datasets
 
     check_source(source)
@@ -87,10 +106,18 @@ def load_source(source: str) -> dict[str, Any]:
     path = Path(source.removeprefix("file://")).expanduser()
     if path.exists():
         file_format, files = _local_files(path)
+        for name in files:
+            if _is_empty(Path(name)):
+                raise CorruptInputError(f"{option} {name}: empty file (no rows)")
+        if file_format == "json":
+            return {split: _json_rows(names, strict, option) for split, names in _split_files(files).items()}
+        if file_format == "csv":
+            for name in files:
+                _check_utf8(Path(name), option)
         try:
             loaded = datasets.load_dataset(file_format, data_files=_split_files(files))
         except Exception as exc:
-            raise ConfigError(f"data.source {source}: cannot read as {file_format}: {_first_line(exc)}") from None
+            raise CorruptInputError(f"{option} {source}: cannot read as {file_format}: {_first_line(exc)}") from None
         return dict(loaded)
     try:
         return dict(datasets.load_dataset(source))
@@ -98,7 +125,77 @@ def load_source(source: str) -> dict[str, Any]:
         raise MissingInputError(f"data.source {source}: cannot load the Hub dataset: {_first_line(exc)}") from None
 
 
+def _check_utf8(path: Path, option: str) -> None:
+    """A text file is UTF-8 throughout, else CorruptInputError naming its line and byte (read in blocks)."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as exc:  # exc.object: this block, after bytes held over from the last one
+                where = line + exc.object.count(b"\n", 0, exc.start)
+                raise CorruptInputError(
+                    f"{option} {path}:{where}: not UTF-8 (byte 0x{exc.object[exc.start]:02x})") from None
+            if not block:
+                return
+            line += block.count(b"\n")
+
+
+def _is_empty(path: Path) -> bool:
+    """Nothing but whitespace (and a BOM) in the file."""
+    if path.stat().st_size > 65536:
+        return False
+    return not path.read_bytes().strip(b" \t\r\n\xef\xbb\xbf")
+
+
+def _json_rows(files: list[str], strict: bool, option: str) -> Rows:
+    """The rows of JSON-lines files (or `.json` files holding one array of objects), in order."""
+    rows = Rows()
+    for name in files:
+        path = Path(name)
+        for number, record in _json_records(path, option):
+            if isinstance(record, BadLine):
+                if strict:
+                    raise CorruptInputError(f"{option} {path}:{number}: {record.detail}")
+                if not rows.broken:
+                    logger.warning("%s %s:%d: %s; dropping such lines (set data.strict=true to stop instead)",
+                                   option, path, number, record.detail)
+                rows.broken[record.reason] += 1
+            else:
+                rows.append(record)
+    if rows.broken:
+        logger.warning("%s: dropped %d broken lines (%s)", option, sum(rows.broken.values()),
+                       ", ".join(f"{reason} {n}" for reason, n in sorted(rows.broken.items())))
+    return rows
+
+
+def _json_records(path: Path, option: str) -> Iterator[tuple[int, Any]]:
+    """(line, record or BadLine): JSON lines, or the elements of a `.json` file whose text is one array."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if path.suffix.lower() != ".json" or not head.startswith(b"["):
+        yield from json_lines(path)
+        return
+    from job.storage.objects import decode_utf8
+
+    text = decode_utf8(path.read_bytes(), f"{option} {path}").lstrip("\ufeff")
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        where = f":{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise CorruptInputError(f"{option} {path}{where}: not JSON ({getattr(exc, 'msg', 'nested too deeply')})"
+                                ) from None
+    if not isinstance(document, list):
+        raise CorruptInputError(f"{option} {path}: expected an array of row objects or JSON lines")
+    for index, element in enumerate(document, start=1):  # "line" numbers are element numbers here
+        yield index, checked_object(index, element, "\\u" in text)
+
+
 def _first_line(exc: BaseException) -> str:
+    """The root cause's type and first line (datasets wraps what went wrong in a generic error)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
@@ -127,8 +224,12 @@ def _problem(row: dict[str, Any]) -> str | None:
 
 
 def validate_rows(dataset: Any, report: SplitReport) -> list[dict[str, Any]]:
-    """Rows with every required field a non-empty string, deduplicated by id and by question+schema."""
+    """Rows with every required field a non-empty string, deduplicated by id and by question+schema; lines of
+    the source that were no rows at all (`Rows.broken`) are counted as loaded and dropped by their reason."""
     rows, seen_ids, seen_keys = [], set(), set()
+    for reason, count in getattr(dataset, "broken", {}).items():
+        report.loaded += count
+        report.dropped[reason] += count
     for row in dataset:
         report.loaded += 1
         problem = _problem(row)
@@ -197,4 +298,4 @@ def _dropped_summary(report: SplitReport) -> str:
 
 
 def load_splits(cfg: DataConfig) -> DataSplits:
-    return split_rows(load_source(cfg.source), cfg, cfg.source)
+    return split_rows(load_source(cfg.source, strict=cfg.strict), cfg, cfg.source)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from job.config import JobConfig
-from job.data.jsonl import read_records
-from job.errors import ConfigError, JobError, MissingInputError
+from job.data.jsonl import BadLine, json_lines
+from job.errors import ConfigError, CorruptInputError, JobError, MissingInputError
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -20,14 +20,36 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             fh.write(json.dumps(record, default=str) + "\n")
 
 
-def read_predictions(path: Path) -> list[dict[str, Any]]:
-    """Predictions as JSON lines with at least `id` and `sql`; a bad line is a one-line usage error."""
-    if not path.is_file():
-        raise ConfigError(f"--predictions {path}: no such file")
-    return read_records(
-        path, "--predictions",
-        lambda r: isinstance(r, dict) and "id" in r and isinstance(r.get("sql", ""), str), '{"id": ..., "sql": "..."}',
-    )
+def read_predictions(source: str | Path) -> list[dict[str, Any]]:
+    """Predictions as JSON lines (a local file or an s3:// object) with at least `id` and `sql`, one per id. A
+    missing local file is a usage error (exit 2); an empty file, a bad line or a second prediction for an id is
+    a corrupt input (exit 3) naming the line."""
+    from job.evaluation.scoring import id_key
+    from job.settings import cache_root
+    from job.storage import objects as storage
+
+    source = str(source)
+    if storage.is_remote(source):
+        path = storage.fetch_to_cache(source, cache_root() / "predictions")
+    else:
+        path = storage.local_path(source)
+        if not path.is_file():
+            raise ConfigError(f"--predictions {source}: no such file")
+    predictions, lines = [], {}
+    for number, record in json_lines(path):
+        if isinstance(record, BadLine):
+            raise CorruptInputError(f"--predictions {source}:{number}: {record.detail}")
+        if "id" not in record or not isinstance(record.get("sql", ""), str) or isinstance(record["id"], (dict, list)):
+            raise CorruptInputError(f'--predictions {source}:{number}: expected {{"id": ..., "sql": "..."}}')
+        key = id_key(record["id"])
+        if key in lines:
+            raise CorruptInputError(f"--predictions {source}:{number}: a second prediction for id "
+                                    f"{record['id']!r} (the first is on line {lines[key]})")
+        lines[key] = number
+        predictions.append(record)
+    if not predictions:
+        raise CorruptInputError(f"--predictions {source}: no predictions (the file is empty)")
+    return predictions
 
 
 def scoring_settings(cfg: JobConfig) -> Any:
@@ -44,16 +66,16 @@ def scoring_settings(cfg: JobConfig) -> Any:
 
 
 def read_rows(source: str) -> list[dict[str, Any]]:
-    """Every valid row of a dataset file/folder/URI (all its splits, in order), for `--rows`: no split needed."""
+    """Every valid row of a dataset file/folder/URI (all its splits, in order), for `--rows`: no split needed; a
+    broken line fails (strict)."""
     from job.data.sources import SplitReport, check_source, load_source, validate_rows
+    from job.storage.objects import check_input
 
-    local = Path(source.removeprefix("file://")).expanduser()
-    if not source.startswith("s3://") and not local.exists():
-        raise MissingInputError(f"--rows {source}: no such file or folder")
+    check_input(source, "--rows")
     check_source(source)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for split in load_source(source).values():
+    for split in load_source(source, strict=True, option="--rows").values():  # a dropped line would shrink it
         for row in validate_rows(split, SplitReport()):
             if str(row["id"]) not in seen:
                 seen.add(str(row["id"]))
@@ -64,31 +86,35 @@ def read_rows(source: str) -> list[dict[str, Any]]:
 
 
 def score_file(
-    cfg: JobConfig, predictions_path: Path, output: Path | None, rows_source: str | None = None
-) -> dict[str, Any]:
-    """Score a predictions file against the rows it names: of `rows_source` when given, else of `data.source`."""
+    cfg: JobConfig, predictions_source: str | Path, rows_source: str | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics, per-row records) of a predictions file (local or s3://) scored against the rows it names: of
+    `rows_source` when given, else of `data.source`."""
     from job.data.sources import SplitReport, load_source, validate_rows
     from job.evaluation.scoring import score_models
 
-    predictions = read_predictions(predictions_path)
+    predictions = read_predictions(predictions_source)
     by_id: dict[str, dict[str, Any]] = {}
     if rows_source:
-        by_id = {str(row["id"]): row for row in read_rows(rows_source)}
+        by_id = {_key(row["id"]): row for row in read_rows(rows_source)}
     else:
-        splits = load_source(cfg.data.source)
+        splits = load_source(cfg.data.source, strict=cfg.data.strict)
         for name in sorted(splits, key=lambda n: n != cfg.data.eval_split):  # the eval split wins on shared ids
             for row in validate_rows(splits[name], SplitReport()):
-                by_id.setdefault(str(row["id"]), row)
-    unknown = [p["id"] for p in predictions if str(p["id"]) not in by_id]
+                by_id.setdefault(_key(row["id"]), row)
+    unknown = [p["id"] for p in predictions if _key(p["id"]) not in by_id]
     if unknown:
         where = rows_source or cfg.data.source
         raise ConfigError(f"--predictions: {len(unknown)} ids not in {where} (first: {unknown[0]!r})")
-    rows = [by_id[str(p["id"])] for p in predictions]
-    metrics, per_row = score_models(rows, {"predictions": predictions}, scoring_settings(cfg))["predictions"]
-    if output:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        _write_jsonl(output / "scored.jsonl", per_row)
+    rows = [by_id[_key(p["id"])] for p in predictions]
+    return score_models(rows, {"predictions": predictions}, scoring_settings(cfg))["predictions"]
+
+
+def write_scored(out_dir: Path, metrics: dict[str, Any], per_row: list[dict[str, Any]]) -> dict[str, Any]:
+    """`metrics.json` and `scored.jsonl` of a `score_file` into `out_dir`; returns the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_jsonl(out_dir / "scored.jsonl", per_row)
     return metrics
 
 

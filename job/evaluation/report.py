@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,10 @@ def write_reports(
     (eval_dir / "metrics.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     worst_label, worst = worst_examples(metrics_by_model, rows_by_model)
     excluded, trivial = _excluded(rows_by_model), _trivial(rows_by_model)
-    (eval_dir / "report.md").write_text(_markdown(title, metrics_by_model, worst_label, worst, excluded, trivial))
-    (eval_dir / "report.html").write_text(
-        _html(title, metrics_by_model, worst_label, worst, train_log, excluded, trivial))
+    text = {"report.md": _markdown(title, metrics_by_model, worst_label, worst, excluded, trivial),
+            "report.html": _html(title, metrics_by_model, worst_label, worst, train_log, excluded, trivial)}
+    for name, content in text.items():  # a lone surrogate in the data is written escaped, never a crash
+        (eval_dir / name).write_text(content, encoding="utf-8", errors="backslashreplace")
 
 
 def headline_line(label: str, m: dict[str, Any]) -> str:
@@ -203,7 +205,7 @@ def _markdown(
     title: str, metrics_by_model: dict[str, dict], label: str | None, worst: list[dict], excluded: list[dict],
     trivial: list[dict],
 ) -> str:
-    parts = [f"# {title}\n", headline_markdown(metrics_by_model), f"{_DEFINITIONS}\n",
+    parts = [f"# {_md_text(title)}\n", headline_markdown(metrics_by_model), f"{_DEFINITIONS}\n",
              f"{rewrite_statement(metrics_by_model)}\n"]
     failed = {m: metrics.get("n_gold_failed") for m, metrics in metrics_by_model.items()}
     parts.append(
@@ -216,17 +218,17 @@ def _markdown(
         parts.append(f"## Execution accuracy (test suite) by {heading}\n")
         parts.append(_breakdown_markdown(metrics_by_model, name, heading))
     parts.append(f"## Rows left out ({len(excluded)})\n")
-    parts.extend(f"- id {r.get('id')}: `{_md_inline(str(r.get('gold_error'))[:160])}`\n" for r in excluded)
+    parts.extend(f"- id {_md_text(r.get('id'))}: `{_md_inline(str(r.get('gold_error'))[:160])}`\n" for r in excluded)
     parts.append(f"## Trivial rows ({len(trivial)})\n\n{_TRIVIAL_NOTE}\n")
-    parts.extend(f"- id {r.get('id')}: {_md_inline(r.get('trivial_reason'))}: `{_md_inline(r.get('gold_sql'))[:160]}`\n"
-                 for r in trivial)
-    parts.append(f"## Worst examples ({label or 'none'})\n")
+    parts.extend(f"- id {_md_text(r.get('id'))}: {_md_text(r.get('trivial_reason'))}: "
+                 f"`{_md_inline(r.get('gold_sql'))[:160]}`\n" for r in trivial)
+    parts.append(f"## Worst examples ({_md_text(label or 'none')})\n")
     if not worst:
         parts.append("No misses.\n")
     for record in worst:
         parts.append(
-            f"- **{html.escape(_md_inline(record.get('question')), quote=False)}** "
-            f"(id {record.get('id')}, {record.get('sql_complexity')})\n"
+            f"- **{_md_text(record.get('question'))}** "
+            f"(id {_md_text(record.get('id'))}, {_md_text(record.get('sql_complexity'))})\n"
             f"  - gold: `{_md_inline(record.get('gold_sql'))}`\n"
             f"  - prediction: `{_md_inline(record.get('pred_sql') or '(empty)')}`\n"
             + (f"  - error: `{_md_inline(record.get('pred_error'))}`\n" if record.get("pred_error") else "")
@@ -252,7 +254,7 @@ def _breakdown_markdown(metrics_by_model: dict[str, dict], name: str, heading: s
         if with_delta:
             cells.append(_fmt_delta("execution_accuracy", accuracy[models.index("base")],
                                     accuracy[models.index("tuned")]))
-        lines.append(_md_row([group, str(n_rows), *cells]))
+        lines.append(_md_row([_md_text(group), str(n_rows), *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +332,7 @@ def _bar_chart(metrics_by_model: dict[str, dict], name: str, title: str) -> byte
                  yerr=_error_bars([(s.get("execution_accuracy"), (s.get("ci95") or {}).get("execution_accuracy"))
                                    for s in stats]), capsize=2)
     axes.set_xticks([i + width * (len(metrics_by_model) - 1) / 2 for i in range(len(groups))])
-    axes.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
+    axes.set_xticklabels(groups, rotation=20, ha="right", fontsize=8, parse_math=False)  # "$" in data is text
     axes.set_ylim(0, 1)
     axes.set_ylabel("execution accuracy")
     axes.set_title(title)
@@ -414,6 +416,13 @@ def _fmt_delta(key: str, base: Any, tuned: Any) -> str:
 
 def _md_row(cells: list[str]) -> str:
     return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _md_text(value: Any) -> str:
+    """Text from the data (ids, questions, group names) as plain Markdown: one line, HTML escaped, and the
+    characters that start emphasis, links or code backslash-escaped (`|` is left to `_md_row`)."""
+    text = html.escape(" ".join(str(value if value is not None else "").split()), quote=False)
+    return re.sub(r"([\\`*_\[\]~])", r"\\\1", text)
 
 
 def _md_inline(value: Any) -> str:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from job.evaluation.compat import DEFAULT_NOW, register_functions, sqlite_rewrites
+from job.train.preemption import raise_if_stopped
 
 _PAGE_SIZE = 4096
 _PROGRESS_EVERY = 2_000  # VM instructions between deadline checks
@@ -43,6 +45,9 @@ class Limits:
     max_rows: int = 10_000
     max_statements: int = 64
     max_sql_chars: int = 100_000
+    max_parse_chars: int = 10_000
+    """SQL longer than this (at most max_sql_chars) runs as written only: sqlglot, whose time grows faster than
+    the text, neither rewrites nor normalizes it."""
     max_value_bytes: int = 10_000_000
     max_columns: int = 256
     max_db_bytes: int = 256 * 2**20
@@ -116,12 +121,15 @@ class SandboxDB:
             self._guard.deadline = float("inf")
             if self.conn.in_transaction:
                 _quietly(lambda: self.conn.execute("ROLLBACK"))
+        raise_if_stopped()  # a SIGTERM that arrived inside one of SQLite's Python callbacks only stopped the query
         result.elapsed_s = time.monotonic() - start
         return result
 
     def _run(self, sql: str) -> QueryResult:
         if len(sql) > self.limits.max_sql_chars:
             return QueryResult(error=f"query longer than {self.limits.max_sql_chars} characters")
+        if (problem := text_problem(sql)) is not None:
+            return QueryResult(error=f"query {problem}")
         if sql.count(";") > self.limits.max_statements * 16:
             return QueryResult(error=f"more than {self.limits.max_statements} statements")
         statements = split_statements(sql)
@@ -199,16 +207,22 @@ def build_context(context: str, limits: Limits | None = None) -> ContextDB:
     limits = limits or Limits()
     db = SandboxDB(limits)
     built = ContextDB(template=db)
-    statements = split_statements(context) if len(context) <= limits.max_sql_chars else None
-    if statements is None:
+    if len(context) > limits.max_sql_chars:
         built.error = f"context longer than {limits.max_sql_chars} characters"
         return built
+    if (problem := text_problem(context)) is not None:
+        built.error = f"text {problem}"
+        return built
+    statements = split_statements(context)
     errors = []
     db._guard.deadline = time.monotonic() + limits.timeout_s * 5
     try:
         for statement in statements:
             problem = _execute_one(db, statement)
             if problem is None:
+                continue
+            if len(statement) > limits.max_parse_chars:
+                errors.append(f"{problem} in: {_clip(statement)}")
                 continue
             if _is_create_schema(statement):
                 built.skipped.append(statement)
@@ -225,8 +239,23 @@ def build_context(context: str, limits: Limits | None = None) -> ContextDB:
 
 
 def split_statements(sql: str) -> list[str]:
-    """Split a script into complete statements using SQLite's own tokenizer (`sqlite3.complete_statement`)."""
+    """Split a script into complete statements using SQLite's own tokenizer (`sqlite3.complete_statement`).
+
+    Text SQLite cannot take (see `text_problem`) stays one statement, for its execution to report."""
+    if text_problem(sql) is not None:
+        return [sql.strip()] if sql.strip() else []
     return list(_split_statements(sql))
+
+
+def text_problem(text: str) -> str | None:
+    """Why SQLite cannot take `text` as SQL at all (a NUL character, a lone surrogate), or None."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode (lone surrogate {text[exc.start]!r} at character {exc.start})"
+    return None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -268,7 +297,7 @@ def _has_code(text: str) -> bool:
 
     try:
         tokens = sqlglot.tokens.Tokenizer().tokenize(text)
-    except sqlglot.errors.SqlglotError:
+    except Exception:  # sqlglot fails in many ways on odd text; SQLite has the last word
         return True
     return any(token.token_type != sqlglot.tokens.TokenType.SEMICOLON for token in tokens)
 
@@ -276,9 +305,10 @@ def _has_code(text: str) -> bool:
 def _execute_one(db: SandboxDB, statement: str) -> str | None:
     try:
         db.conn.execute(statement)
-    except (sqlite3.Error, sqlite3.Warning, MemoryError, ValueError) as exc:
+    except (sqlite3.Error, sqlite3.Warning, MemoryError, OverflowError, ValueError) as exc:
         if db.conn.in_transaction:
             _quietly(lambda: db.conn.execute("ROLLBACK"))
+        raise_if_stopped()
         return _describe(exc, db._guard)
     return None
 
@@ -287,10 +317,12 @@ def _is_create_schema(statement: str) -> bool:
     import sqlglot
     from sqlglot import exp
 
+    if not re.search(r"\bSCHEMA\b", statement, re.I):
+        return False
     try:
         with quiet_sqlglot():
             parsed = sqlglot.parse_one(statement)
-    except sqlglot.errors.SqlglotError:
+    except Exception:  # sqlglot fails in many ways on odd SQL (RecursionError on deep nesting, ...)
         return False
     if isinstance(parsed, exp.Create):
         return str(parsed.args.get("kind") or "").upper() == "SCHEMA"

@@ -35,6 +35,11 @@ Metric definitions (every rate is a fraction in [0, 1], or None when its denomin
 - `empty_rate` (over `n_rows`): nothing SQL-like in the prediction (see `job.sql_extract.extract_sql`).
 - `runaway_rate` (over predictions that carry `stopped`): share that did not stop by itself (hit the token
   limit); None when no prediction carries `stopped`.
+- `n_scoring_errors`: rows on which the scorer itself failed (e.g. sqlglot's RecursionError on deeply nested SQL),
+  each with its `scoring_error`: in the context, gold or suite the row counts in `n_gold_failed`; in a
+  prediction, that prediction is wrong. A prediction longer than the sandbox's `max_sql_chars` is refused before
+  any parsing (`pred_error`); SQL longer than `max_parse_chars` runs as written, without rewrites or
+  normalization.
 """
 
 from __future__ import annotations
@@ -49,10 +54,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from job.errors import JobError
+from job.errors import JobError, PreemptedError
 from job.evaluation.compat import qualify_equijoined, sqlite_rewrites
 from job.evaluation.confidence import bootstrap_interval
-from job.evaluation.sandbox import ContextDB, Limits, QueryResult, build_context, quiet_sqlglot
+from job.evaluation.sandbox import ContextDB, Limits, QueryResult, SandboxDB, build_context, quiet_sqlglot
 from job.evaluation.sql_extract import extract_sql
 from job.evaluation.suites import Suite, distill, row_seed, run_on_copy
 
@@ -154,12 +159,35 @@ def _score_in_processes(rows: list[dict], per_row: list[dict], settings: Scoring
     chunks = [c for c in chunks if c]
     results: list[Any] = [None] * len(rows)
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_worker_signals)
+    try:
         futures = [pool.submit(_score_chunk, [rows[i] for i in c], [per_row[i] for i in c], settings) for c in chunks]
         for chunk, future in zip(chunks, futures, strict=True):
             for index, result in zip(chunk, future.result(), strict=True):
                 results[index] = result
+    except BaseException:  # SIGTERM (PreemptedError), Ctrl-C, a dead worker: stop the others now, not after the rest
+        _stop_workers(pool)
+        raise
+    pool.shutdown()
     return results
+
+
+def _worker_signals() -> None:
+    """In a scoring worker: SIGTERM ends it at once and Ctrl-C is the parent's to handle (a fork inherits the
+    parent's handlers)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_workers(pool: Any) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+    if hasattr(pool, "terminate_workers"):  # Python 3.14+
+        pool.terminate_workers()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
 
 
 def _score_chunk(rows: list[dict], per_row: list[dict], settings: ScoringSettings) -> list[dict]:
@@ -249,13 +277,12 @@ def rows_match(gold: list[tuple], pred: list[tuple], *, ordered: bool) -> bool:
 
 def gold_is_ordered(sql: str) -> bool:
     """True when the last statement has an ORDER BY outside parentheses (row order is part of the answer)."""
-    import sqlglot
     from sqlglot.tokens import Tokenizer, TokenType
 
     try:
         with quiet_sqlglot():
             tokens = Tokenizer().tokenize(sql)
-    except sqlglot.errors.SqlglotError:
+    except Exception:  # sqlglot fails in many ways on odd text
         return bool(re.search(r"\border\s+by\b", sql, re.I))
     depth, ordered, ended = 0, False, False
     for token in tokens:
@@ -292,19 +319,19 @@ def _normalize_cached(sql: str, schema_key: tuple) -> str | None:
         for dialect in ("sqlite", None):
             try:
                 expressions = [e for e in sqlglot.parse(sql, read=dialect) if e is not None]
-            except sqlglot.errors.SqlglotError:
+                if not expressions:
+                    return None
+                parts = []
+                for expression in expressions:
+                    canonical = normalize_identifiers(expression, dialect="sqlite")
+                    canonical = _attempt(canonical, lambda e: qualify(
+                        e, schema=schema or None, dialect="sqlite", validate_qualify_columns=False,
+                        quote_identifiers=False,
+                    ))
+                    canonical = _attempt(canonical, lambda e: simplify(normalize(e), dialect="sqlite"))
+                    parts.append(canonical.sql(dialect="sqlite", normalize=True, pretty=False, comments=False))
+            except Exception:  # sqlglot errors, RecursionError on deep nesting, ...: not parsable this way
                 continue
-            if not expressions:
-                return None
-            parts = []
-            for expression in expressions:
-                canonical = normalize_identifiers(expression, dialect="sqlite")
-                canonical = _attempt(canonical, lambda e: qualify(
-                    e, schema=schema or None, dialect="sqlite", validate_qualify_columns=False,
-                    quote_identifiers=False,
-                ))
-                canonical = _attempt(canonical, lambda e: simplify(normalize(e), dialect="sqlite"))
-                parts.append(canonical.sql(dialect="sqlite", normalize=True, pretty=False, comments=False))
             return ";".join(parts)
     return None
 
@@ -318,53 +345,90 @@ def _attempt(expression: Any, rewrite: Callable[[Any], Any]) -> Any:
 
 
 def _score_row(row: dict, predictions: dict[str, dict | None], settings: ScoringSettings) -> dict[str, dict]:
-    """Per-row records, one per model label: the gold and its suite are built once for all models."""
+    """Per-row records, one per model label: the gold and its suite are built once for all models.
+
+    A failure of the scorer itself on this row (sqlglot's RecursionError on deeply nested SQL, any error of a
+    rewrite) is the row's `scoring_error`, never the run's: in the context, gold or suite, the row is left out
+    of execution accuracy like a failing gold; in a prediction, that prediction counts as wrong."""
     limits = settings.limits
     gold_sql = str(row.get("sql") or "")
-    context = build_context(str(row.get("sql_context") or ""), limits)
-    suite = Suite()
+    gold_error, gold, gold_text, gold_transpiled, ordered = None, None, gold_sql, False, False
+    context, suite, schema, problem = None, Suite(), {}, None
     try:
+        context = build_context(str(row.get("sql_context") or ""), limits)
         gold_error, gold, gold_text, gold_transpiled = _run_gold(context, gold_sql)
         ordered = gold_error is None and gold_is_ordered(gold_text)
+        if gold_error is None and len(gold_text) > limits.max_parse_chars:
+            gold_error = f"gold: longer than {limits.max_parse_chars} characters, too long to build its test suite"
         if gold_error is None:
             suite = distill(context, gold_text, gold, ordered=ordered, size=settings.test_suite_size,
                             budget=settings.suite_candidates, seed=row_seed(row.get("id"), settings.seed))
         schema = context.template.schema()
+    except Exception as exc:
+        problem = gold_error = _scorer_failure("gold", exc)
+        gold, gold_text, gold_transpiled, ordered = None, gold_sql, False, False
+    try:
+        if context is None:
+            context = ContextDB(template=SandboxDB(limits), error=problem)
         return {
             label: _score_prediction(row, prediction, context, schema, gold_error, gold, gold_text,
-                                     gold_transpiled, ordered, suite)
+                                     gold_transpiled, ordered, suite, problem)
             for label, prediction in predictions.items()
         }
     finally:
         suite.close()
-        context.close()
+        if context is not None:
+            context.close()
+
+
+def _scorer_failure(where: str, exc: Exception) -> str:
+    """One line for a failure inside the scorer on one row (not an error of the SQL); a SIGTERM stop passes on."""
+    if isinstance(exc, PreemptedError):
+        raise exc
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{where}: the scorer failed on this row ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
 def _score_prediction(
     row: dict, prediction: dict | None, context: ContextDB, schema: dict, gold_error: str | None,
     gold: QueryResult | None, gold_text: str, gold_transpiled: bool, ordered: bool, suite: Suite,
+    problem: str | None,
 ) -> dict:
+    limits = context.template.limits
     gold_sql = str(row.get("sql") or "")
     prediction = prediction or {}
-    text = prediction["sql"] if "sql" in prediction else prediction.get("raw")
-    pred_sql = extract_sql(str(text or ""))
-    pred, pred_text, pred_transpiled = (None, "", False)
-    if pred_sql:
-        pred, pred_text, pred_transpiled = _run_compat(context, pred_sql)
-    pred_error = "empty prediction" if pred is None else pred.error
-    valid = pred is not None and pred.ok
-    single_match = suite_match = None
-    if gold_error is None:
-        single_match = valid and results_match(gold, pred, ordered=ordered)
-        suite_match = single_match and all(
-            results_match(expected, run_on_copy(db, pred_text), ordered=ordered)
-            for db, expected in zip(suite.databases, suite.gold, strict=True)
-        )
+    text = str((prediction["sql"] if "sql" in prediction else prediction.get("raw")) or "")
+    problems = [problem] if problem else []
+    pred_sql, pred, pred_text, pred_transpiled, refused = "", None, "", False, None
+    single_match = suite_match = None if gold_error is not None else False
+    if len(text) > limits.max_sql_chars:  # refused before any parsing, as the sandbox would refuse it
+        refused = f"prediction longer than {limits.max_sql_chars} characters"
+    else:
+        try:
+            pred_sql = extract_sql(text)
+            if pred_sql:
+                pred, pred_text, pred_transpiled = _run_compat(context, pred_sql)
+            if gold_error is None:
+                valid = pred is not None and pred.ok
+                single_match = valid and results_match(gold, pred, ordered=ordered)
+                suite_match = single_match and all(
+                    results_match(expected, run_on_copy(db, pred_text), ordered=ordered)
+                    for db, expected in zip(suite.databases, suite.gold, strict=True)
+                )
+        except Exception as exc:
+            refused = _scorer_failure("prediction", exc)
+            problems.append(refused)
+            single_match = suite_match = None if gold_error is not None else False
+    pred_error = refused or ("empty prediction" if pred is None else pred.error)
+    valid = refused is None and pred is not None and pred.ok
     exact = bool(pred_sql) and _plain(pred_sql) == _plain(gold_sql)
     normalized = exact
-    if pred_sql and not exact:
-        gold_norm, pred_norm = normalize_sql(gold_sql, schema), normalize_sql(pred_sql, schema)
-        normalized = gold_norm is not None and gold_norm == pred_norm
+    if pred_sql and not exact and max(len(gold_sql), len(pred_sql)) <= limits.max_parse_chars:
+        try:
+            gold_norm, pred_norm = normalize_sql(gold_sql, schema), normalize_sql(pred_sql, schema)
+            normalized = gold_norm is not None and gold_norm == pred_norm
+        except Exception as exc:
+            problems.append(_scorer_failure("normalized match", exc))
     return {
         "id": row.get("id"),
         "question": row.get("sql_prompt"),
@@ -377,7 +441,7 @@ def _score_prediction(
         "exact_match": exact,
         "normalized_match": normalized,
         "valid_sql": valid,
-        "empty": not pred_sql,
+        "empty": not pred_sql and refused is None,
         "stopped": prediction.get("stopped"),
         "sql_complexity": row.get("sql_complexity"),
         "sql_task_type": row.get("sql_task_type"),
@@ -386,6 +450,7 @@ def _score_prediction(
         "gold_transpiled": gold_transpiled,
         "gold_sqlite": gold_text if gold_transpiled else None,
         "pred_transpiled": pred_transpiled,
+        "scoring_error": "; ".join(problems) or None,
         "suite_databases": len(suite.databases),
         "n_neighbours": suite.n_neighbours,
         "neighbours_rejected_single_db": suite.rejected_single_db,
@@ -406,14 +471,19 @@ def _run_gold(context: ContextDB, gold_sql: str) -> tuple[str | None, QueryResul
 
 
 def _run_compat(context: ContextDB, sql: str) -> tuple[QueryResult, str, bool]:
-    """Run `sql` as written, else its first SQLite rewrite that runs (`compat.sqlite_rewrites`).
+    """Run `sql` as written, else its first SQLite rewrite that runs (`compat.sqlite_rewrites`); SQL longer than
+    `max_parse_chars` runs as written only, SQL longer than `max_sql_chars` not at all.
 
     Returns (result, the text that ran, whether it was rewritten); on failure, the first attempt's error.
     """
+    limits = context.template.limits
+    if len(sql) > limits.max_sql_chars:  # refused before any parsing, as the sandbox would refuse it
+        return QueryResult(error=f"query longer than {limits.max_sql_chars} characters"), sql, False
+    parsable = len(sql) <= limits.max_parse_chars
     first: tuple[QueryResult, str, bool] | None = None
-    for text, rewritten in sqlite_rewrites(sql, context.template.limits.fixed_now):
+    for text, rewritten in sqlite_rewrites(sql, limits.fixed_now) if parsable else iter([(sql, False)]):
         result = _run(context, text)
-        ambiguous = _AMBIGUOUS.match(result.error or "")
+        ambiguous = _AMBIGUOUS.match(result.error or "") if parsable else None
         if ambiguous and (qualified := qualify_equijoined(text, ambiguous.group(1))) is not None:
             text, rewritten, result = qualified, True, _run(context, qualified)
         if result.ok:
@@ -450,6 +520,7 @@ def _metric_set(records: list[dict]) -> dict:
         "n_context_transpiled": sum(bool(r.get("context_transpiled")) for r in records),
         "n_pred_transpiled": sum(bool(r.get("pred_transpiled")) for r in records),
         "n_trivial": sum(bool(r.get("trivial")) for r in scored),
+        "n_scoring_errors": sum(bool(r.get("scoring_error")) for r in records),
         "ci95": {key: bootstrap_interval(values) for key, values in flags.items()},
     }
     return metrics

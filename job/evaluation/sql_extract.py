@@ -10,7 +10,8 @@ _ROLE_START = re.compile(r"<start_of_turn>\s*model\b|<\|im_start\|>\s*assistant\
 _SPECIAL_TOKENS = re.compile(
     r"<\|[a-z_]{1,30}\|>|</?(?:s|bos|eos|pad|unk|start_of_turn|end_of_turn)>|\[/?INST\]|<<\/?SYS>>", re.I
 )
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+_FENCE = re.compile(r"```[ \t]*+([A-Za-z0-9_+-]*+)[^\n]{0,200}+\n(.*?)(?:```|\Z)", re.S)
+"""Possessive and bounded before the newline, so a long line full of backticks is read in linear time."""
 _STATEMENT_START = re.compile(
     r"(?:SELECT|INSERT|UPDATE|DELETE|REPLACE|CREATE|DROP|ALTER|VALUES|PRAGMA|ATTACH|DETACH|VACUUM|EXPLAIN|BEGIN"
     r"|COMMIT|ROLLBACK|ANALYZE|REINDEX|SAVEPOINT|RELEASE)\b"
@@ -20,6 +21,7 @@ _STATEMENT_START = re.compile(
 _SQL_FENCE_TAGS = frozenset({"", "sql", "sqlite", "sqlite3", "mysql", "postgresql", "postgres", "tsql"})
 _MAX_CHARS = 100_000
 _MAX_STATEMENTS = 100
+_MAX_SEMICOLONS = 1_000
 _KEYWORD_WORD = re.compile(r"[A-Za-z]+")
 _CONTINUATION = re.compile(
     r"(?:FROM|WHERE|GROUP|ORDER|HAVING|LIMIT|OFFSET|JOIN|INNER|LEFT|RIGHT|FULL|CROSS|NATURAL|ON|AND|OR|UNION"
@@ -29,8 +31,9 @@ _CONTINUATION = re.compile(
 _PROSE_LINE = re.compile(
     r"(?:This|The|These|Those|That|It|Its|Note|Explanation|Here|In this|In the|We|I|You|Output|Result|Answer"
     r"|Hope|Let|Alternatively|Also|Assuming|If you|To |Make sure)\b"
-    r"|[#>]|\*\*|[-*+][ \t]|\d+[.)][ \t]|[A-Z][a-z]+(?:[ \t]+[a-z]+){3,}[^;]*[.:]\s*$",
+    r"|[#>]|\*\*|[-*+][ \t]|\d+[.)][ \t]|[A-Z][a-z]+(?:[ \t]+[a-z]+){3}[^;]*[.:]\s*$",
 )
+"""`{3}` and not `{3,}`: `[^;]*` takes any further words, and `{3,}` before it backtracks quadratically."""
 
 
 def extract_sql(text: str) -> str:
@@ -87,6 +90,7 @@ def _take_statements(text: str) -> str:
     """Statements from the start of `text` until prose; SQLite's tokenizer decides where a statement ends."""
     statements: list[str] = []
     current = ""
+    checked = tried = 0  # where the search for the current statement's end resumes; `;` tried so far
     lines = text.split("\n")
     index = 0
     while index < len(lines) and len(statements) < _MAX_STATEMENTS:
@@ -99,18 +103,19 @@ def _take_statements(text: str) -> str:
                 break
             current = line
         elif not stripped:
-            following = next((rest.strip() for rest in lines[index:] if rest.strip()), "")
-            if not _is_continuation(following):
+            following = next((i for i in range(index, len(lines)) if lines[i].strip()), len(lines))
+            if following == len(lines) or not _is_continuation(lines[following].strip()):
                 break
+            index = following  # the blank lines in between belong to nothing
             continue
         elif _is_prose(stripped):
             break
         else:
             current = f"{current}\n{line}"
-        statement, done, rest = _consume(current)
-        if done:
-            statements.append(statement.strip())
-            current = ""
+        end, checked, tried = _statement_end(current, checked, tried)
+        if end is not None:
+            statements.append(current[:end].strip())
+            current, rest, checked, tried = "", current[end:], 0, 0
             if rest.strip():
                 lines.insert(index, rest)
     if current.strip():
@@ -118,14 +123,25 @@ def _take_statements(text: str) -> str:
     return "\n".join(statements)
 
 
-def _consume(buffer: str) -> tuple[str, bool, str]:
-    """(statement, complete?, text after it): splits at the first `;` that ends a complete statement."""
-    position = buffer.find(";")
-    while position != -1:
-        if sqlite3.complete_statement(buffer[: position + 1]):
-            return buffer[: position + 1], True, buffer[position + 1:]
+def _statement_end(buffer: str, start: int, tried: int) -> tuple[int | None, int, int]:
+    """(offset just past the first `;` at or after `start` that ends a complete statement, or None; where to
+    resume; `;` tried). Stops trying after _MAX_SEMICOLONS per statement, so that text full of `;` inside an
+    unclosed quote costs linear, not cubic, time."""
+    position = buffer.find(";", start)
+    while position != -1 and tried < _MAX_SEMICOLONS:
+        tried += 1
+        if _complete(buffer[: position + 1]):
+            return position + 1, 0, tried
         position = buffer.find(";", position + 1)
-    return buffer, False, ""
+    return None, len(buffer), tried
+
+
+def _complete(text: str) -> bool:
+    """`sqlite3.complete_statement`, also for text it cannot encode (NUL, lone surrogates: one char each)."""
+    try:
+        return sqlite3.complete_statement(text)
+    except ValueError:  # UnicodeEncodeError included
+        return sqlite3.complete_statement(text.replace("\x00", " ").encode("utf-8", "replace").decode("utf-8"))
 
 
 def _is_continuation(line: str) -> bool:

@@ -14,9 +14,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from job.errors import JobError, MissingInputError
+from job.errors import ConfigError, CorruptInputError, MissingInputError
 from job.storage import objects as storage
-from job.storage.publish import CHECKPOINTS_DIR, MANIFEST, read_manifest, same_run
+from job.storage.publish import (
+    CHECKPOINTS_DIR,
+    MANIFEST,
+    checkpoints_location,
+    read_checked_manifest,
+    read_manifest,
+    same_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,56 +32,68 @@ PARTIAL_MANIFEST = ".manifest.json.partial"
 
 
 def list_runs(uri: str) -> list[dict[str, Any]]:
-    """Every run folder under `uri`, by name: run_id, uri, complete (manifest present), status, metrics,
-    started_at, ended_at (None/{} for incomplete runs)."""
+    """Every run folder under `uri`, by name: run_id, uri, complete (a manifest that checks out), problem (why
+    its manifest does not, else None), status, metrics, started_at, ended_at (None/{} unless complete)."""
     runs = []
     for name in storage.list_dirs(uri):
         run_uri = storage.join(uri, name)
-        manifest = read_manifest(storage.join(run_uri, MANIFEST))
+        problem = None
+        try:
+            manifest = read_checked_manifest(storage.join(run_uri, MANIFEST))
+        except CorruptInputError as exc:
+            manifest, problem = None, str(exc)
         info = manifest or {}
         runs.append({
             "run_id": name,
             "uri": run_uri,
             "complete": manifest is not None,
-            "status": info.get("status"),
-            "metrics": info.get("metrics") or {},
-            "started_at": info.get("started_at"),
-            "ended_at": info.get("ended_at"),
+            "problem": problem,
+            "status": _text(info.get("status")),
+            "metrics": info.get("metrics") if isinstance(info.get("metrics"), dict) else {},
+            "started_at": _text(info.get("started_at")),
+            "ended_at": _text(info.get("ended_at")),
         })
     return runs
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 SAGEMAKER_ARCHIVE = "model.tar.gz"
 
 
-def pull_run(run_uri: str, dest: Path, *, with_checkpoints: bool = False) -> Path:
+def pull_run(
+    run_uri: str, dest: Path, *, with_checkpoints: bool = False, checkpoints_from: str | None = None
+) -> Path:
     """Download the run at `run_uri` into `dest`, verifying each file's sha256 against the manifest, which is
-    written last. With `with_checkpoints`, also the checkpoints the manifest lists, into `dest/checkpoints/`.
-    Refuses an incomplete run, and a non-empty `dest` unless it holds (part of) the same run, in which case
-    only missing or differing files are fetched. `run_uri` may also be a SageMaker `model.tar.gz` (or the
-    training job's output folder holding it). Returns `dest`."""
-    run_uri = run_uri.rstrip("/")
+    written last. With `with_checkpoints`, also the checkpoints the manifest lists, into `dest/checkpoints/`:
+    from inside the run, or from `checkpoints_from` (the user's word for a location outside it).
+    Refuses an incomplete run, a manifest that does not check out (`check_manifest`), and a non-empty `dest`
+    unless it holds (part of) the same run, in which case only missing or differing files are fetched.
+    `run_uri` may also be a SageMaker `model.tar.gz` (or the training job's output folder holding it).
+    Returns `dest`."""
+    run_uri = run_uri.rstrip("/") or run_uri
     if run_uri.endswith(".tar.gz") or (
         not storage.exists(storage.join(run_uri, MANIFEST)) and storage.exists(storage.join(run_uri, SAGEMAKER_ARCHIVE))
     ):
         archive = run_uri if run_uri.endswith(".tar.gz") else storage.join(run_uri, SAGEMAKER_ARCHIVE)
-        return _pull_archive(archive, dest, with_checkpoints=with_checkpoints)
-    manifest = read_manifest(storage.join(run_uri, MANIFEST))
+        return _pull_archive(archive, dest, with_checkpoints=with_checkpoints, checkpoints_from=checkpoints_from)
+    manifest = read_checked_manifest(storage.join(run_uri, MANIFEST))
     if manifest is None:
         if storage.exists(run_uri):
             raise MissingInputError(
                 f"{run_uri}: incomplete run (no {MANIFEST}): still being published, or its publish failed"
             )
         raise MissingInputError(f"{run_uri}: no run here")
-    if not isinstance(manifest.get("files"), list):
-        raise JobError(f"{storage.join(run_uri, MANIFEST)}: not a run manifest")
+    checkpoints = _checkpoints_source(run_uri, manifest, checkpoints_from) if with_checkpoints else None
     _check_dest(dest, manifest)
     dest.mkdir(parents=True, exist_ok=True)
     storage.write_json(str(dest / PARTIAL_MANIFEST), manifest)
 
     fetched = _fetch_verified(run_uri, dest, manifest["files"])
-    if with_checkpoints:
-        fetched += _fetch_checkpoints(run_uri, dest, manifest)
+    if checkpoints:
+        fetched += _fetch_checkpoints(checkpoints, dest, manifest)
     shutil.move(dest / PARTIAL_MANIFEST, dest / MANIFEST)
     logger.info("pulled run %s into %s (%d files downloaded)", manifest.get("run_id"), dest, fetched)
     return dest
@@ -83,27 +102,40 @@ def pull_run(run_uri: str, dest: Path, *, with_checkpoints: bool = False) -> Pat
 def _fetch_verified(src_uri: str, dest: Path, entries: list[dict[str, Any]]) -> int:
     """Download the entries (path, size, sha256) from folder `src_uri` that `dest` lacks; check every sha256."""
     expected = {entry["path"]: entry for entry in entries}
-    todo = [rel for rel, entry in expected.items() if not _verified(dest / rel, entry)]
+    targets = {rel: storage.safe_path(dest, rel, str(dest)) for rel in expected}
+    todo = [rel for rel, entry in expected.items() if not _verified(targets[rel], entry)]
     if todo:
         storage.download_dir(src_uri, dest, files=todo)
     for rel in todo:
-        path = dest / rel
+        path = targets[rel]
         actual = storage.sha256_file(path)
         if actual != expected[rel]["sha256"]:
             path.unlink()
             want = expected[rel]["sha256"]
-            raise JobError(
+            raise CorruptInputError(
                 f"{storage.join(src_uri, rel)}: checksum mismatch (manifest sha256 {want[:16]}…, downloaded "
                 f"{actual[:16]}…); the stored copy is corrupt"
             )
     return len(todo)
 
 
-def _fetch_checkpoints(run_uri: str, dest: Path, manifest: dict[str, Any]) -> int:
-    checkpoints = manifest.get("checkpoints")
-    if not isinstance(checkpoints, dict) or not checkpoints.get("files"):
+def _checkpoints_source(run_uri: str, manifest: dict[str, Any], checkpoints_from: str | None) -> str:
+    """Where to fetch the manifest's checkpoints from: inside the run, or where the user says."""
+    if not (manifest.get("checkpoints") or {}).get("files"):
         raise MissingInputError(f"{run_uri}: the manifest lists no checkpoints to pull")
-    source = checkpoints.get("uri") or storage.join(run_uri, CHECKPOINTS_DIR)
+    if checkpoints_from:
+        return checkpoints_from.rstrip("/") or checkpoints_from
+    source = checkpoints_location(run_uri, manifest)
+    if source is None:
+        raise CorruptInputError(
+            f"{storage.join(run_uri, MANIFEST)}: its checkpoints.uri {manifest['checkpoints']['uri']!r} is outside "
+            "the run; refusing to fetch from there (pass --checkpoints-from URI if that is where they are)"
+        )
+    return source
+
+
+def _fetch_checkpoints(source: str, dest: Path, manifest: dict[str, Any]) -> int:
+    checkpoints = manifest["checkpoints"]
     try:
         return _fetch_verified(source, dest / CHECKPOINTS_DIR, checkpoints["files"])
     except storage.NotFound as exc:
@@ -111,7 +143,7 @@ def _fetch_checkpoints(run_uri: str, dest: Path, manifest: dict[str, Any]) -> in
                                 ) from None
 
 
-def _pull_archive(archive_uri: str, dest: Path, *, with_checkpoints: bool) -> Path:
+def _pull_archive(archive_uri: str, dest: Path, *, with_checkpoints: bool, checkpoints_from: str | None) -> Path:
     """A SageMaker model.tar.gz: download, unpack safely into a temporary folder, and pull the run folder inside
     it (the one holding manifest.json) into `dest` with the same checks as a bucket pull."""
     with tempfile.TemporaryDirectory(prefix="finetune-pull-") as tmp:
@@ -124,11 +156,11 @@ def _pull_archive(archive_uri: str, dest: Path, *, with_checkpoints: bool) -> Pa
             with tarfile.open(local, "r:gz") as tar:
                 tar.extractall(unpacked, filter="data")  # refuses absolute paths, '..', devices, outside links
         except (tarfile.TarError, OSError) as exc:
-            raise JobError(f"{archive_uri}: cannot unpack ({type(exc).__name__}: {exc})") from None
+            raise CorruptInputError(f"{archive_uri}: cannot unpack ({type(exc).__name__}: {exc})") from None
         runs = sorted(path.parent for path in unpacked.rglob(MANIFEST))
         if len(runs) != 1:
             raise MissingInputError(f"{archive_uri}: expected one run (one {MANIFEST}) inside, found {len(runs)}")
-        return pull_run(str(runs[0]), dest, with_checkpoints=with_checkpoints)
+        return pull_run(str(runs[0]), dest, with_checkpoints=with_checkpoints, checkpoints_from=checkpoints_from)
 
 
 def _verified(path: Path, entry: dict[str, Any]) -> bool:
@@ -140,14 +172,14 @@ def _verified(path: Path, entry: dict[str, Any]) -> bool:
 def _check_dest(dest: Path, manifest: dict[str, Any]) -> None:
     """`dest` must be absent, empty, or hold the same run (a finished or interrupted pull of it)."""
     if dest.exists() and not dest.is_dir():
-        raise JobError(f"{dest}: exists and is not a folder")
+        raise ConfigError(f"{dest}: exists and is not a folder")
     if not dest.exists() or not any(dest.iterdir()):
         return
     for name in (MANIFEST, PARTIAL_MANIFEST):
         held = read_manifest(str(dest / name))
         if held and same_run(held, manifest):
             return
-    raise JobError(
+    raise ConfigError(
         f"{dest}: not empty and does not hold run {manifest.get('run_id')!r}; refusing to overwrite it "
         "(choose an empty or new folder)"
     )

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,7 +44,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
-from job.errors import ConfigError, JobError, MissingInputError
+from job.config import destination_problem
+from job.errors import ConfigError, CorruptInputError, JobError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,35 @@ class NotFound(MissingInputError):
 # URIs
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
+
+
+def check_destination(uri: str, option: str, *, remote: bool = True) -> str:
+    """`uri` if results can be written there: a local path, a `file://` URI or (when `remote`) s3://bucket/prefix.
+    Anything else (`gs://...`, `S3://...`, `s3://` without a bucket) is a ConfigError (exit 2) before anything
+    is written, never a local folder named like the URI."""
+    if (problem := destination_problem(uri)) is not None:
+        raise ConfigError(f"{option} {uri}: {problem}")
+    if is_remote(uri) and not remote:
+        raise ConfigError(f"{option} {uri}: must be a local folder")
+    return uri
+
+
+def check_input(uri: str, option: str) -> None:
+    """The one rule for inputs the user names: a local path that does not exist is a usage error (exit 2);
+    remote inputs are checked when read (missing: MissingInputError, exit 3)."""
+    if is_remote(uri):
+        split_s3(uri)
+        return
+    scheme = _SCHEME.match(uri)
+    if scheme and scheme.group(0) != FILE_SCHEME:
+        raise ConfigError(f"{option} {uri}: unsupported URI scheme {scheme.group(1)!r}; use a local path or s3://")
+    if not local_path(uri).exists():
+        raise ConfigError(f"{option} {uri}: no such file or folder")
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -91,12 +120,67 @@ def _folder_key(key: str) -> str:
     return key.strip("/") + "/" if key.strip("/") else ""
 
 
+def local_input(uri: str, option: str) -> Path:
+    """A local file the user names for an option that reads only local files: exit 2 for an s3:// or other URI
+    and for a path that is not a file."""
+    if is_remote(uri) or (_SCHEME.match(uri) and not uri.startswith(FILE_SCHEME)):
+        raise ConfigError(f"{option} {uri}: must be a local file")
+    path = local_path(uri)
+    if not path.is_file():
+        raise ConfigError(f"{option} {uri}: no such file")
+    return path
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def checked_name(rel: object, where: str) -> str:
+    """`rel` if it names a file inside a folder: a relative, normalized POSIX path (no `..`, `.`, empty or
+    absolute parts, no backslashes or control characters). The one name check for every path that a manifest,
+    a listing or an archive supplies, local and S3, both ways; else CorruptInputError naming `where`."""
+    problem = None
+    if not isinstance(rel, str) or not rel:
+        problem = "not a non-empty string"
+    elif rel.startswith("/") or PurePosixPath(rel).as_posix() != rel or rel == ".":
+        problem = "not a normalized relative path"
+    elif ".." in PurePosixPath(rel).parts:
+        problem = "leaves its folder (..)"
+    elif "\\" in rel or _CONTROL.search(rel):
+        problem = "holds a backslash or a control character"
+    if problem:
+        raise CorruptInputError(f"{where}: unsafe file name {rel!r} ({problem}); refusing it")
+    return rel
+
+
+def safe_path(root: Path, rel: str, where: str) -> Path:
+    """root/rel for a `checked_name`, refusing a path that goes through a symbolic link below `root` (a link
+    would read or write outside it)."""
+    path = root
+    for part in PurePosixPath(checked_name(rel, where)).parts:
+        path = path / part
+        if path.is_symlink():
+            raise CorruptInputError(f"{where}: {path} is a symbolic link; links are not followed")
+    return path
+
+
 def _safe_join(root: Path, rel: str) -> Path:
-    """root/rel, refusing names that would escape root (`..`, absolute) as a hostile listing could hold."""
-    parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or ".." in parts:
-        raise JobError(f"refusing unsafe object name {rel!r}")
-    return root.joinpath(*parts)
+    return safe_path(root, rel, str(root))
+
+
+def inside(base: str, uri: str) -> str | None:
+    """The path of `uri` relative to folder `base` when it lies inside it (both local, or both s3://), else None."""
+    if is_remote(base) != is_remote(uri):
+        return None
+    if is_remote(base):
+        prefix = base.rstrip("/") + "/"
+        rel = uri.rstrip("/")[len(prefix):] if uri.rstrip("/").startswith(prefix) else None
+    else:
+        root, target = (os.path.normpath(os.path.abspath(local_path(u))) for u in (base, uri))
+        rel = Path(os.path.relpath(target, root)).as_posix() if target.startswith(root.rstrip("/") + "/") else None
+    try:
+        return checked_name(rel, uri) if rel else None
+    except CorruptInputError:
+        return None
 
 
 def sha256_file(path: Path) -> str:
@@ -108,8 +192,16 @@ def sha256_file(path: Path) -> str:
 
 
 def _walk(root: Path) -> list[str]:
-    """Every file under root as sorted POSIX relative paths."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """Every file under root as sorted POSIX relative paths; a symbolic link below root is refused, never
+    followed (it could point anywhere)."""
+    files = []
+    for folder, dirs, names in os.walk(root):
+        for name in [*dirs, *names]:
+            if (Path(folder) / name).is_symlink():
+                raise CorruptInputError(f"{Path(folder) / name}: a symbolic link inside {root}; links are not "
+                                        "followed (replace it with the file it points to)")
+        files += [(Path(folder) / name).relative_to(root).as_posix() for name in names]
+    return sorted(files)
 
 
 # client
@@ -299,10 +391,23 @@ def read_text(uri: str) -> str:
         path = local_path(uri)
         if not path.is_file():
             raise NotFound(f"{uri}: no such file")
-        return path.read_text(encoding="utf-8")
-    bucket, key = split_s3(uri)
-    with _s3_errors(uri):
-        return client().get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+        data = path.read_bytes()
+    else:
+        bucket, key = split_s3(uri)
+        with _s3_errors(uri):
+            data = client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return decode_utf8(data, uri)
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    """`data` as UTF-8 text, else CorruptInputError naming `where`, the line and the offending byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CorruptInputError(
+            f"{where}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def write_text(uri: str, text: str) -> None:
@@ -329,7 +434,9 @@ def read_json(uri: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise JobError(f"{uri}: not valid JSON (line {exc.lineno})") from None
+        raise CorruptInputError(f"{uri}: not valid JSON (line {exc.lineno})") from None
+    except RecursionError:
+        raise CorruptInputError(f"{uri}: JSON nested too deeply") from None
 
 
 def write_json(uri: str, data: Any) -> None:
@@ -371,7 +478,7 @@ def remove_tree(uri: str) -> int:
     """Delete a folder / every object under a prefix (nothing if it does not exist). Returns how many files."""
     if not is_remote(uri):
         root = local_path(uri)
-        count = len(_walk(root)) if root.is_dir() else 0
+        count = sum(len(names) for _, _, names in os.walk(root)) if root.is_dir() else 0
         shutil.rmtree(root, ignore_errors=True)
         return count
     return remove_files(uri, _list_objects(uri))
@@ -436,20 +543,21 @@ def upload_dir(
     an upload is cheap; `sha256` passes known digests to skip hashing. Returns the relative paths uploaded."""
     rels = sorted(set(_walk(src) if files is None else files) - {last})
     order = [*rels, *([last] if last else [])]
+    sources = {rel: safe_path(src, rel, str(src)) for rel in order}
     if not is_remote(dest_uri):
         dest = local_path(dest_uri)
         if dest.resolve() == src.resolve():
             return []
         for rel in order:
-            _copy(src / rel, _safe_join(dest, rel))
+            _copy(sources[rel], _safe_join(dest, rel))
         return order
-    digests = {rel: (sha256 or {}).get(rel) or sha256_file(src / rel) for rel in order}
+    digests = {rel: (sha256 or {}).get(rel) or sha256_file(sources[rel]) for rel in order}
     todo = _changed(dest_uri, src, digests)
     bucket, key = split_s3(dest_uri)
 
     def submit(manager: Any, rel: str, digest: str) -> Any:
         extra = {"Metadata": {SHA256_METADATA: digest}}
-        return manager.upload(str(src / rel), bucket, _folder_key(key) + rel, extra_args=extra)
+        return manager.upload(str(sources[rel]), bucket, _folder_key(key) + rel, extra_args=extra)
 
     _transfer(dest_uri, "upload", {rel: digests[rel] for rel in rels if rel in todo}, submit)
     if last and last in todo:
@@ -496,9 +604,10 @@ def download_dir(src_uri: str, dest: Path, *, files: Iterable[str] | None = None
         if files is None and not rels:
             raise NotFound(f"{src_uri}: no such folder, or it is empty")
         for rel in rels:
-            if not (root / rel).is_file():
+            source = safe_path(root, rel, src_uri)
+            if not source.is_file():
                 raise NotFound(f"{join(src_uri, rel)}: no such file")
-            _copy(root / rel, _safe_join(dest, rel))
+            _copy(source, _safe_join(dest, rel))
         return rels
     rels = sorted(_list_objects(src_uri) if files is None else files)
     if files is None and not rels:

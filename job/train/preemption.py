@@ -62,15 +62,23 @@ class PreemptionFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+_pending: list[PreemptedError] = []
+"""The stop a SIGTERM requested inside `stop_on_sigterm`, until the block ends."""
+
+
 @contextmanager
-def stop_on_sigterm() -> Iterator[None]:
+def stop_on_sigterm(message: str = "stopped by SIGTERM outside training; completed checkpoints are kept; "
+                                   "rerun with --resume auto to continue") -> Iterator[None]:
     """Outside the training loop, SIGTERM stops the job at once with PreemptedError (exit 75). Any
     PreemptedError leaving the block (this one, or training's after its checkpoint) is reported to the
-    launcher; a report left by an earlier attempt of this process's slot is removed first."""
+    launcher; a report left by an earlier attempt of this process's slot is removed first.
+
+    An exception raised inside a Python callback that C code runs (SQLite's progress handler, authorizer and
+    functions) only aborts that call, so the request is also kept for `raise_if_stopped`."""
 
     def handle(signum: int, frame: Any) -> None:
-        raise PreemptedError("stopped by SIGTERM outside training; completed checkpoints are kept; "
-                             "rerun with --resume auto to continue")
+        _pending[:] = [PreemptedError(message)]
+        raise _pending[0]
 
     stale = _own_report()
     if stale is not None:
@@ -83,3 +91,10 @@ def stop_on_sigterm() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _pending.clear()
+
+
+def raise_if_stopped() -> None:
+    """Raise the pending SIGTERM stop, if any (for code after a C call whose callbacks may have swallowed it)."""
+    if _pending:
+        raise _pending[0]
