@@ -86,13 +86,18 @@ def render(overlay: str, image: str, bucket: str, run_id: str) -> str:
     return result.stdout
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    """The options naming what to render (shared with submit.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("overlay", help="single-gpu, multi-gpu or multi-node")
     parser.add_argument("--image", required=True, help="image reference, REGISTRY/NAME:TAG")
     parser.add_argument("--bucket", required=True, help="S3 bucket; runs go to s3://BUCKET/finetune/runs/<run id>")
-    parser.add_argument("--run-id", required=True, help="run id = Job name (resubmitting it resumes the run)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--run-id", required=True, help="run id = Job name (resubmitting a failed one resumes it)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argument_parser(__doc__.splitlines()[0]).parse_args(argv)
     sys.stdout.write(render(args.overlay, args.image, args.bucket, args.run_id))
 
 

@@ -13,12 +13,11 @@ rejected or does nothing. This looks at the Job named like the run id first:
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 
-from render import INSTANCE_LABEL, render
+from render import INSTANCE_LABEL, argument_parser, render
 
 
 def _fail(message: str) -> None:
@@ -68,11 +67,7 @@ def submit(overlay: str, image: str, bucket: str, run_id: str, namespace: str) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overlay", help="single-gpu, multi-gpu or multi-node")
-    parser.add_argument("--image", required=True, help="image reference, REGISTRY/NAME:TAG")
-    parser.add_argument("--bucket", required=True, help="S3 bucket; runs go to s3://BUCKET/finetune/runs/<run id>")
-    parser.add_argument("--run-id", required=True, help="run id = Job name (resubmitting a failed one resumes it)")
+    parser = argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--namespace", default="default", help="Kubernetes namespace")
     args = parser.parse_args(argv)
     submit(args.overlay, args.image, args.bucket, args.run_id, args.namespace)
