@@ -30,14 +30,17 @@ def _converted_gguf(gguf: Path) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # transformers keeps a GGUF quantizer on the model, which refuses to save: copy the dequantized weights
-    # into a plain model of the same architecture.
+    # transformers keeps a GGUF quantizer on the model, which refuses to save: hand the dequantized weights to a
+    # plain model of the same architecture, built without storage of its own (no second copy in memory).
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
     model.generation_config = loaded.generation_config
+    del loaded
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / ".complete").touch()
