@@ -31,8 +31,9 @@ SM_ARGS   ?=
 DRY_RUN   ?=
 RUN       ?=
 DEST      ?= runs/pulled
-# The CPU demo: smollm2-135m-cpu-demo (SmolLM2-135M-Instruct) or gemma3-270m-cpu-demo (Gemma 3 270M base)
-DEMO      ?= smollm2-135m-cpu-demo
+# The CPU demo: gemma3-270m-cpu-demo (Gemma 3 270M base, Gemma Terms of Use) or smollm2-135m-cpu-demo
+# (SmolLM2-135M-Instruct, Apache-2.0); BENCHMARKS.md compares the two
+DEMO      ?= gemma3-270m-cpu-demo
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock test lint demo bench image docker-build push run-local k8s-render k8s-submit k8s-logs \

