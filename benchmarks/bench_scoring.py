@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peak_memory import own_peak_rss_kb
+
 ROOT = Path(__file__).resolve().parents[1]
 HOLDOUT = ROOT / "tests" / "data" / "gretel_holdout.jsonl"
 """100 real rows the suites were not built on (tests/data/PROVENANCE.md)."""
@@ -59,18 +61,9 @@ def _child(mode: str) -> dict[str, Any]:
                               for label, c in measured["constants"].items()},
             }
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out["peak_rss_mb"] = _own_peak_rss_kb() / 1024
+    out["peak_rss_mb"] = own_peak_rss_kb() / 1024
     out["peak_worker_rss_mb"] = usage_children / 1024 if usage_children else None
     return out
-
-
-def _own_peak_rss_kb() -> int:
-    """This process's peak RSS since its exec (VmHWM). Not getrusage(RUSAGE_SELF): Linux carries the parent's
-    peak across fork and exec, so a scorer started by a big `make bench` process would report that process's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run() -> dict[str, Any]:

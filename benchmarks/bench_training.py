@@ -6,7 +6,7 @@ Two models, the same rows, batch and optimizer steps on both sides, timed around
 - `demo`: SmolLM2-135M-Instruct with the demo preset (49k vocabulary);
 - `gemma256k`: a Gemma-architecture model with Gemma's real 256,000-token vocabulary and two small layers, built at
   bench time, so the LM head dominates as it does in memory on real Gemma runs.
-Every case runs in a fresh subprocess; its peak memory is that process's peak RSS (`getrusage`), and the memory
+Every case runs in a fresh subprocess; its peak memory is that process's peak RSS since its exec (VmHWM), and the memory
 training adds is the peak minus the RSS just before `trainer.train()`.
 """
 
@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from peak_memory import own_peak_rss_kb
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench"
@@ -33,7 +35,7 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return own_peak_rss_kb() / 1024
 
 
 def gemma256k_model(path: Path) -> Path:

@@ -273,7 +273,7 @@ whole run {q['wall_s'] / 60:.1f} min including both evaluations.
 ## 2. Training: speed and peak memory, the job vs a plain trl `SFTTrainer` with default settings
 
 `python benchmarks/bench_training.py --steps={t['steps']}`: same model, LoRA config, rows and rows per optimizer step,
-{t['steps']} steps each, each case in a fresh process (peak RSS from `getrusage`; "added by training" is the peak
+{t['steps']} steps each, each case in a fresh process (peak RSS: the process's VmHWM; "added by training" is the peak
 minus the RSS just before `trainer.train()`), tokens/s timed around `trainer.train()`. `demo` is SmolLM2-135M
 (49k vocabulary, preset `{PRESET}`); `gemma256k` is a Gemma-architecture model with the real 256,000-token
 vocabulary and two small layers, built at bench time. trl's fused LM head never builds the full logits, but on
