@@ -235,12 +235,18 @@ def _gemma_section(q: dict, g: dict | None) -> str:
         f"The Gemma demo does not fit the `make demo` budget ({DEMO_BUDGET_MIN:.0f} min with install, "
         f"{DEMO_BUDGET_GIB:.0f} GiB peak RSS): {fresh_min:.1f} min with install, {g['peak_rss_gib']:.2f} GiB peak."
     )
+    from job.config import load_config
+
+    steps = {p: load_config(p, environ={}).training for p in (PRESET, GEMMA_PRESET)}
+    schedule = {p: f"{t.max_steps} steps of {t.per_device_batch_size * t.gradient_accumulation_steps} rows in "
+                   f"micro-batches of {t.per_device_batch_size}" for p, t in steps.items()}
     return f"""### Demo models: SmolLM2-135M-Instruct vs Gemma 3 270M (base)
 
-`gemma3-270m-cpu-demo` is Gemma 3 270M, the base model (268M parameters, 170M of them the 262,144-token embedding
-that is also the LM head), with the shipped Gemma turn template (`model.chat_template: gemma`) and the same LoRA
-recipe and rows as the SmolLM2 preset. {_demo_models_table(q, g)} The one-time conversion of each .gguf to
-safetensors on first use (about 50 s for Gemma, 30 s for SmolLM2) is cached and not in these times.
+`{GEMMA_PRESET}` is Gemma 3 270M, the base model (268M parameters, 170M of them the 262,144-token embedding
+that is also the LM head), with the shipped Gemma turn template (`model.chat_template: gemma`), the same LoRA
+settings and rows as `{PRESET}`, and {schedule[GEMMA_PRESET]} (SmolLM2: {schedule[PRESET]}). The one-time
+conversion of each .gguf to safetensors on first use (about 50 s for Gemma, 30 s for SmolLM2) is cached and not in
+these times. {_demo_models_table(q, g)}
 
 {verdict} `make demo` runs `{default}` (`make demo DEMO={GEMMA_PRESET if default == PRESET else PRESET}` runs the other).
 """
