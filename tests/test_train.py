@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from job.config import load_config
 from job.data.prepare import prepare
@@ -191,3 +192,42 @@ def test_packed_rows_do_not_attend_to_each_other(tiny_model):
         packed = model(**inputs, use_cache=False).logits  # trl's compute_loss passes use_cache=False
         alone = model(input_ids=torch.tensor([second])).logits
     assert torch.allclose(packed[0, len(first) :], alone[0], atol=1e-5)
+
+
+def test_sigterm_during_the_last_step_exits_75_and_resume_trains_nothing(
+    tiny_model, sample_path, tmp_path, capsys, monkeypatch
+):
+    """A SIGTERM in the last step: the Trainer saves that step's checkpoint anyway, and the job stops there (75),
+    since evaluating would outlast the grace period; the rerun trains no step again and finishes the run."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from job.train import trainer as trainer_module
+
+    class SigtermInLastStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == state.max_steps - 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # PreemptionFlag records it; the step goes on
+
+    callbacks = trainer_module._callbacks
+    monkeypatch.setattr(trainer_module, "_callbacks", lambda *a: [*callbacks(*a), SigtermInLastStep()])
+    args = _train_args(tiny_model, sample_path, tmp_path, "training.max_steps=3")
+    code, _, stderr = run_cli(capsys, *args)
+    assert code == EXIT_PREEMPTED, stderr
+    assert "stopped by SIGTERM at step 3" in stderr
+    assert "rerun with --resume auto to evaluate and publish (training is complete)" in stderr
+    run_dir = tmp_path / "r1"
+    assert (run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    assert not (run_dir / "manifest.json").exists() and not (run_dir / "adapter").exists()
+
+    monkeypatch.setattr(trainer_module, "_callbacks", callbacks)
+    code, _, stderr = run_cli(capsys, *args, "--resume", "auto")
+    assert code == 0, stderr
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-3'}" in stderr
+    assert "is the last step (3): nothing left to train" in stderr
+    assert [entry["step"] for entry in read_train_log(run_dir)] == [1, 2, 3]  # no step trained twice
+    assert (run_dir / "manifest.json").is_file()
+    saved = load_file(run_dir / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors")
+    published = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert saved.keys() == published.keys()
+    assert all(torch.equal(saved[name], published[name]) for name in saved)  # step 3's weights, as trained

@@ -111,7 +111,20 @@ def _callbacks(run: RunFolder, counter: PaddedTokenCounter, preemption: Preempti
         def on_save(self, args, state, control, **kwargs):
             distributed.barrier()
 
-    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier(), _process_count()]
+    class NothingLeftToTrain(TrainerCallback):
+        """Resumed from the checkpoint of the last step (a run stopped during or after its last step), the
+        Trainer would train one step more, since it compares the step count with max_steps only after a step:
+        stop it once it has loaded that checkpoint, before any step."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise TrainingComplete
+
+    return [ProgressLog(), StopOnSigterm(), CheckpointBarrier(), _process_count(), NothingLeftToTrain()]
+
+
+class TrainingComplete(Exception):
+    """The checkpoint resumed from is the last step: its weights are loaded and nothing is left to train."""
 
 
 def _process_count() -> Any:
@@ -298,7 +311,11 @@ def train(
             mirror = CheckpointMirror(cfg.training.checkpoint_uri)
             trainer.add_callback(mirror)
         started = time.monotonic()
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        try:
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+        except TrainingComplete:
+            output = None
+            distributed.say(f"{checkpoint} is the last step ({trainer.state.global_step}): nothing left to train")
         train_seconds = time.monotonic() - started
         # Every rank stops if any was asked to, also when the SIGTERM came during the last step (whose checkpoint
         # the Trainer saves anyway): evaluation would not finish within the grace period.
@@ -323,7 +340,8 @@ def train(
                          world_size=distributed.world_size())
     train_log = read_train_log(run.path)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    final_loss = losses[-1] if losses else output.training_loss  # the run's mean loss when no step was logged
+    # Without a logged step: the run's mean loss (None when it resumed with nothing left to train).
+    final_loss = losses[-1] if losses else (output.training_loss if output else None)
     result = TrainResult(
         adapter_dir, trainer.state.global_step, final_loss, train_log,
         train_seconds=train_seconds, real_tokens=trainer.state.num_input_tokens_seen - progress.first_tokens,
